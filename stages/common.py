@@ -1,0 +1,120 @@
+"""Helpers every stage shares: params, one-line errors, atomic HDF5 files, a process pool."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from importlib import metadata
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import yaml
+from tqdm import tqdm
+
+PARAMS_FILE = Path("params.yaml")
+PACKAGES = ("numpy", "opencv-contrib-python-headless", "dlib-bin", "h5py", "scikit-image", "torch")
+
+
+class PipelineError(Exception):
+    """Bad input the user can fix; printed as one line naming the sample and the fix."""
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> dict[str, Any]:
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Run a stage's main(); a PipelineError becomes one `error:` line and exit status 2."""
+    try:
+        main()
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def worker_count(requested: int) -> int:
+    """`workers: 0` means every CPU core."""
+    return requested if requested > 0 else (os.cpu_count() or 1)
+
+
+def _limit_threads() -> None:
+    # One process per core: libraries must not start their own thread pools on top.
+    import cv2
+
+    cv2.setNumThreads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def parallel_map(
+    fn: Callable[[Any], Any], items: Sequence[Any], workers: int, desc: str
+) -> list[Any]:
+    """fn over items in order, on a process pool of `workers` (1 = in this process), with a bar."""
+    workers = min(worker_count(workers), max(len(items), 1))
+    bar = dict(total=len(items), desc=desc, unit="sample", file=sys.stderr, dynamic_ncols=True)
+    if workers == 1:
+        return [fn(item) for item in tqdm(items, **bar)]
+    # fork: workers inherit loaded models and imports, so start-up costs nothing per sample.
+    with get_context("fork").Pool(workers, initializer=_limit_threads) as pool:
+        return list(tqdm(pool.imap(fn, items, chunksize=1), **bar))
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path | str) -> Iterator[Path]:
+    """Yield a temp path beside `final`; rename it into place only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _attr_value(value: Any) -> Any:
+    # HDF5 attributes hold scalars/arrays; nested params go in as JSON text.
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def write_h5(path: Path | str, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
+    """Write arrays + attrs atomically and deterministically (no timestamps: same input, same bytes)."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w", track_order=True) as f:
+        for name, array in arrays.items():
+            array = np.asarray(array)
+            if array.dtype.kind in "UO":
+                f.create_dataset(name, data=array.astype(object), dtype=h5py.string_dtype(), track_times=False)
+            else:
+                f.create_dataset(name, data=array, track_times=False)
+        for key, value in sorted(attrs.items()):
+            f.attrs[key] = _attr_value(value)
+
+
+def read_h5(path: Path | str, names: Iterable[str] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Read arrays (strings decoded to str) and root attributes of a file written by write_h5."""
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"{path} is missing: run the stage that writes it (`dvc repro`)")
+    with h5py.File(path, "r") as f:
+        arrays = {}
+        for name in names if names is not None else f.keys():
+            data = f[name]
+            arrays[name] = data.asstr()[()] if h5py.check_string_dtype(data.dtype) else data[()]
+        return arrays, dict(f.attrs)
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": sys.version.split()[0]}
+    for package in PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[package] = metadata.version(package)
+    return versions
