@@ -92,14 +92,17 @@ def write_h5(path: Path | str, arrays: dict[str, np.ndarray], attrs: dict[str, A
         for name, array in arrays.items():
             array = np.asarray(array)
             if array.dtype.kind in "UO":
-                f.create_dataset(name, data=array.astype(object), dtype=h5py.string_dtype(), track_times=False)
+                text = array.astype(object)
+                f.create_dataset(name, data=text, dtype=h5py.string_dtype(), track_times=False)
             else:
                 f.create_dataset(name, data=array, track_times=False)
         for key, value in sorted(attrs.items()):
             f.attrs[key] = _attr_value(value)
 
 
-def read_h5(path: Path | str, names: Iterable[str] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def read_h5(
+    path: Path | str, names: Iterable[str] | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Read arrays (strings decoded to str) and root attributes of a file written by write_h5."""
     path = Path(path)
     if not path.exists():

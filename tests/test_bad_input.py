@@ -1,0 +1,141 @@
+"""Every bad input gives one `error:` line naming the sample and the fix, and writes nothing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import REPO, merge
+
+from stages import frames, landmarks
+from stages.common import run_main
+
+SAMPLE_DIR = "sub01"
+
+
+@pytest.fixture
+def workdir(tiny_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A scratch project dir: params.yaml and a private copy of the tiny synthetic dataset."""
+    shutil.copytree(tiny_project / "data" / "raw" / "synthetic", tmp_path / "data" / "raw" / "synthetic")
+    shutil.copy(tiny_project / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def set_params(workdir: Path, update: dict) -> None:
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    (workdir / "params.yaml").write_text(yaml.safe_dump(merge(params, update)))
+
+
+def error_line(main: Callable[[], None], capsys: pytest.CaptureFixture) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main)
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def some_sample(workdir: Path) -> tuple[Path, list[Path]]:
+    """A sample folder of the 3-class set and its frames, sorted by number."""
+    for xlsx in (workdir / "data/raw/synthetic").glob("*.xlsx"):
+        import pandas as pd
+
+        table = pd.read_excel(xlsx, dtype={"Subject": str})
+        row = table[table["Estimated Emotion"] != "others"].iloc[0]
+        folder = workdir / "data/raw/synthetic" / f"sub{row['Subject']}" / row["Filename"]
+        return folder, [folder / f"img{row['OnsetFrame']}.jpg", folder / f"img{row['ApexFrame']}.jpg"]
+    raise AssertionError("no spreadsheet")
+
+
+def assert_nothing_written(workdir: Path) -> None:
+    assert not (workdir / frames.OUT).exists()
+    assert not list((workdir / "data").rglob(".*.tmp-*"))
+
+
+@pytest.mark.parametrize(
+    ("update", "expected"),
+    [
+        ({"data": {"root": "data/raw/nowhere"}}, ["data/raw/nowhere", "data.root"]),
+        ({"data": {"dataset": "casme3"}}, ["casme3", "casme2", "samm", "synthetic"]),
+        ({"data": {"labels": "data/raw/missing.xlsx"}}, ["missing.xlsx", "data.labels"]),
+        ({"data": {"dataset": "samm"}}, ["MICRO_ONLY"]),
+        ({"landmarks": {"predictor": "models/none.dat"}}, ["models/none.dat", "landmarks.predictor"]),
+        ({"frames": {"on_no_face": "ignore"}}, ["frames.on_no_face", "fail or skip"]),
+    ],
+)
+def test_bad_params_name_the_fix(workdir: Path, capsys: pytest.CaptureFixture, update: dict,
+                                 expected: list[str]) -> None:
+    set_params(workdir, update)
+    line = error_line(frames.main, capsys)
+    for text in expected:
+        assert text in line
+    assert_nothing_written(workdir)
+
+
+def test_missing_apex_frame_names_the_sample_and_the_frames_present(workdir: Path, capsys) -> None:
+    folder, (_, apex) = some_sample(workdir)
+    apex.unlink()
+    line = error_line(frames.main, capsys)
+    assert folder.name in line and apex.stem.removeprefix("img") in line and "frames present" in line
+    assert_nothing_written(workdir)
+
+
+def test_unreadable_frame_names_the_file(workdir: Path, capsys) -> None:
+    folder, (onset, _) = some_sample(workdir)
+    onset.write_bytes(b"not a jpeg")
+    line = error_line(frames.main, capsys)
+    assert folder.name in line and onset.name in line and "replace the file" in line
+    assert_nothing_written(workdir)
+
+
+def blank_onset(workdir: Path) -> str:
+    import cv2
+
+    folder, (onset, _) = some_sample(workdir)
+    cv2.imwrite(str(onset), np.full((480, 640, 3), 128, np.uint8))
+    return folder.name
+
+
+def test_no_face_fails_with_the_list(workdir: Path, capsys) -> None:
+    sample = blank_onset(workdir)
+    line = error_line(frames.main, capsys)
+    assert "no face" in line and sample in line and "frames.on_no_face=skip" in line
+    assert_nothing_written(workdir)
+
+
+def test_no_face_skip_reports_in_json(workdir: Path) -> None:
+    sample = blank_onset(workdir)
+    set_params(workdir, {"frames": {"on_no_face": "skip"}})
+    frames.main()
+    skipped = json.loads((workdir / frames.NO_FACE_REPORT).read_text())["skipped_no_face"]
+    assert len(skipped) == 1 and skipped[0].endswith(sample)
+    import h5py
+
+    with h5py.File(workdir / frames.OUT) as f:
+        assert sample not in set(f["sample"].asstr()[()])
+
+
+def test_landmarks_stage_without_frames_says_what_to_run(workdir: Path, capsys) -> None:
+    line = error_line(landmarks.main, capsys)
+    assert "frames.h5" in line and "dvc repro" in line
+
+
+def test_interrupted_write_leaves_no_file(tmp_path: Path) -> None:
+    from stages.common import atomic_path
+
+    target = tmp_path / "out.h5"
+    with pytest.raises(KeyboardInterrupt), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise KeyboardInterrupt
+    assert not target.exists() and not list(tmp_path.iterdir())
+
+
+def test_repo_has_no_copy_of_the_shared_label_files() -> None:
+    assert not list(REPO.glob("**/CASME2-coding-2019*.xlsx"))

@@ -1,0 +1,512 @@
+"""Tests of stages/datasets.py against the real CASME II / SAMM label files and small tmp trees."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import labels_dir
+
+from stages.common import PipelineError
+from stages.datasets import (
+    DATASETS,
+    FIXES_MARKDOWN,
+    Casme2,
+    MicroExpressionDataset,
+    Samm,
+    Sample,
+    Synthetic,
+    fix_table_markdown,
+    get_dataset,
+    normalise_subject,
+)
+
+LABELS_DIR = labels_dir()
+CASME2_FILE = LABELS_DIR / "CASME2-coding-20190701.xlsx"
+SAMM_FILE = LABELS_DIR / "SAMM_Micro_FACS_Codes_v2.xlsx"
+MEGC_FILE = LABELS_DIR / "MEGC2019-combined_3class_gt.csv"
+
+CASME2_3 = {"happiness": "positive", "disgust": "negative", "repression": "negative", "surprise": "surprise"}
+SAMM_3 = {"Happiness": "positive", "Anger": "negative", "Contempt": "negative", "Disgust": "negative"}
+SAMM_3["Surprise"] = "surprise"
+
+
+def _need(path: Path) -> Path:
+    if not path.is_file():
+        pytest.skip(f"real label file {path} not available (set MER_LABELS_DIR)")
+    return path
+
+
+@pytest.fixture
+def casme2_labels() -> Path:
+    return _need(CASME2_FILE)
+
+
+@pytest.fixture
+def samm_labels() -> Path:
+    return _need(SAMM_FILE)
+
+
+@pytest.fixture
+def megc_labels() -> Path:
+    return _need(MEGC_FILE)
+
+
+def _class_counts(ds: MicroExpressionDataset, samples: list[Sample]) -> dict[str, int]:
+    return dict(Counter(ds.classes[s.label] for s in samples))
+
+
+def _subject_counts(samples: list[Sample]) -> dict[str, int]:
+    return dict(Counter(s.subject for s in samples))
+
+
+def _write_sheet(path: Path, rows: list[tuple], columns: list[str] | None = None) -> Path:
+    """A CASME II-format coding sheet (csv or xlsx by suffix) for the synthetic/CASME II classes."""
+    columns = columns or [
+        "Subject",
+        "Filename",
+        "OnsetFrame",
+        "ApexFrame",
+        "OffsetFrame",
+        "Estimated Emotion",
+    ]
+    frame = pd.DataFrame(rows, columns=columns)
+    if path.suffix == ".csv":
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_excel(path, index=False)
+    return path
+
+
+# ---- CASME II, real file -----------------------------------------------------------------
+
+
+def test_casme2_3class_counts(tmp_path: Path, casme2_labels: Path) -> None:
+    ds = Casme2(tmp_path, labels=casme2_labels)
+    samples = ds.samples()
+    assert ds.classes == ["negative", "positive", "surprise"]
+    assert len(samples) == 150
+    assert len({s.subject for s in samples}) == 24
+    assert _class_counts(ds, samples) == {"positive": 32, "negative": 90, "surprise": 28}
+    assert "casme2_sub10" not in _subject_counts(samples) and "casme2_sub18" not in _subject_counts(samples)
+
+    # subject distribution, derived independently from the raw sheet
+    raw = pd.read_excel(casme2_labels, dtype={"Subject": str})
+    kept = raw[raw["Estimated Emotion"].isin(CASME2_3)]
+    expected = {f"casme2_sub{subject}": n for subject, n in kept["Subject"].value_counts().items()}
+    assert _subject_counts(samples) == expected
+    # and per class: the raw emotions, mapped
+    assert _class_counts(ds, samples) == dict(Counter(kept["Estimated Emotion"].map(CASME2_3)))
+
+
+def test_casme2_sample_fields(tmp_path: Path, casme2_labels: Path) -> None:
+    samples = Casme2(tmp_path, labels=casme2_labels).samples()
+    first = samples[0]
+    assert first == Sample(
+        subject="casme2_sub01",
+        sample="EP02_01f",
+        folder=tmp_path / "sub01" / "EP02_01f",
+        onset=first.onset,
+        apex=first.apex,
+        offset=first.offset,
+        emotion="happiness",
+        label=1,
+    )
+    assert samples == sorted(samples, key=lambda s: (s.subject, s.sample))
+    assert all(s.onset <= s.apex <= s.offset for s in samples)
+    assert all(isinstance(v, int) for s in samples for v in (s.onset, s.apex, s.offset))
+    by_name = {(s.subject, s.sample): s for s in samples}
+    # apex == offset is valid and left alone
+    assert by_name["casme2_sub12", "EP09_06"].apex == by_name["casme2_sub12", "EP09_06"].offset == 111
+    assert by_name["casme2_sub25", "EP18_04f"].apex == by_name["casme2_sub25", "EP18_04f"].offset == 116
+    # irregular filenames verbatim
+    names = {s.sample for s in samples}
+    assert {"EP02_01f"} <= names
+
+
+def test_casme2_fixes_repair(tmp_path: Path, casme2_labels: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ds = Casme2(tmp_path, labels=casme2_labels)
+    with caplog.at_level(logging.WARNING, logger="stages.datasets"):
+        samples = ds.samples()
+    by_name = {(s.subject, s.sample): s for s in samples}
+    ep12 = by_name["casme2_sub04", "EP12_01f"]
+    assert (ep12.onset, ep12.apex, ep12.offset) == (261, 291, 321)
+    ep09 = by_name["casme2_sub05", "EP09_05f"]
+    assert (ep09.onset, ep09.apex, ep09.offset) == (69, 96, 123)
+    assert ds.fixes_applied[0] == "casme2 sub04/EP12_01f: apex '/' -> 291 (2014 coding file)"
+    assert ds.fixes_applied[1].startswith("casme2 sub05/EP09_05f: apex '69' -> 96 (midpoint")
+    assert len(ds.fixes_applied) == 2
+    assert sum("label fix" in r.getMessage() for r in caplog.records) == 2
+    # fixes_applied is reset on every call
+    ds.samples()
+    assert len(ds.fixes_applied) == 2
+
+
+def test_casme2_fixes_drop(tmp_path: Path, casme2_labels: Path) -> None:
+    ds = Casme2(tmp_path, labels=casme2_labels, label_defects="drop")
+    samples = ds.samples()
+    assert len(samples) == 150 - 2
+    assert _class_counts(ds, samples) == {"positive": 32, "negative": 88, "surprise": 28}
+    names = {s.sample for s in samples}
+    assert "EP12_01f" not in names and "EP09_05f" not in names
+    assert len(ds.fixes_applied) == 2
+    assert all("dropped" in line for line in ds.fixes_applied)
+
+
+def test_casme2_4class(tmp_path: Path, casme2_labels: Path) -> None:
+    ds = Casme2(tmp_path, labels=casme2_labels, classes=4)
+    samples = ds.samples()
+    assert ds.classes == ["disgust", "positive", "repression", "surprise"]
+    assert len(samples) == 150
+    assert _class_counts(ds, samples) == {"disgust": 63, "positive": 32, "repression": 27, "surprise": 28}
+    three = Casme2(tmp_path, labels=casme2_labels).samples()
+    assert [(s.subject, s.sample) for s in samples] == [(s.subject, s.sample) for s in three]
+
+
+# ---- SAMM, real file ---------------------------------------------------------------------
+
+
+def test_samm_3class_counts(tmp_path: Path, samm_labels: Path) -> None:
+    ds = Samm(tmp_path, labels=samm_labels)
+    samples = ds.samples()
+    assert ds.classes == ["negative", "positive", "surprise"]
+    assert len(samples) == 119
+    assert len({s.subject for s in samples}) == 28
+    assert _class_counts(ds, samples) == {"positive": 26, "negative": 78, "surprise": 15}
+
+    raw = pd.read_excel(samm_labels, sheet_name="MICRO_ONLY", header=13, dtype={"Subject": str})
+    kept = raw[raw["Estimated Emotion"].isin(SAMM_3)]
+    expected = {f"samm_{subject}": n for subject, n in kept["Subject"].value_counts().items()}
+    assert _subject_counts(samples) == expected
+    assert _class_counts(ds, samples) == dict(Counter(kept["Estimated Emotion"].map(SAMM_3)))
+    assert all(s.subject.startswith("samm_") and len(s.subject) == len("samm_006") for s in samples)
+    assert all(s.onset <= s.apex <= s.offset for s in samples)
+    assert samples == sorted(samples, key=lambda s: (s.subject, s.sample))
+    first = samples[0]
+    assert (first.subject, first.sample, first.emotion) == ("samm_006", "006_1_2", "Anger")
+    assert first.folder == tmp_path / "006" / "006_1_2"
+
+
+def test_samm_fixes_repair(tmp_path: Path, samm_labels: Path) -> None:
+    ds = Samm(tmp_path, labels=samm_labels)
+    by_name = {s.sample: s for s in ds.samples()}
+    frames = {name: (s.onset, s.apex, s.offset) for name, s in by_name.items()}
+    assert frames["028_4_1"] == (1071, 1134, 1134)
+    assert frames["032_3_1"] == (4896, 4930, 4970)
+    assert frames["032_3_2"] == (5126, 5166, 5207)
+    assert len(ds.fixes_applied) == 3
+    assert ds.fixes_applied[0].startswith("samm 028/028_4_1: apex '1143' -> 1134 (")
+    assert ds.fixes_applied[1].startswith("samm 032/032_3_1: apex '1930' -> 4930 (")
+    assert ds.fixes_applied[2].startswith("samm 032/032_3_2: apex '5127' -> 5166 (")
+
+
+def test_samm_fixes_drop(tmp_path: Path, samm_labels: Path) -> None:
+    ds = Samm(tmp_path, labels=samm_labels, label_defects="drop")
+    samples = ds.samples()
+    assert len(samples) == 119 - 3
+    assert _class_counts(ds, samples) == {"positive": 26, "negative": 75, "surprise": 15}
+    assert not {"028_4_1", "032_3_1", "032_3_2"} & {s.sample for s in samples}
+    assert len(ds.fixes_applied) == 3 and all("dropped" in line for line in ds.fixes_applied)
+
+
+def test_samm_4class_contempt_with_disgust(tmp_path: Path, samm_labels: Path) -> None:
+    ds = Samm(tmp_path, labels=samm_labels, classes=4)
+    samples = ds.samples()
+    assert ds.classes == ["anger", "disgust", "positive", "surprise"]
+    assert len(samples) == 119
+    # Contempt (12) goes with Disgust (9): 21
+    assert _class_counts(ds, samples) == {"anger": 57, "disgust": 21, "positive": 26, "surprise": 15}
+    contempt = [s for s in samples if s.emotion == "Contempt"]
+    assert len(contempt) == 12 and {ds.classes[s.label] for s in contempt} == {"disgust"}
+    drop = Samm(tmp_path, labels=samm_labels, classes=4, label_defects="drop").samples()
+    assert len(drop) == 116
+
+
+# ---- MEGC2019 composite cross-check ------------------------------------------------------
+
+
+def test_megc2019_cross_check(
+    tmp_path: Path, casme2_labels: Path, samm_labels: Path, megc_labels: Path
+) -> None:
+    megc = pd.read_csv(megc_labels, header=None, names=["dataset", "subject", "filename", "label"], dtype=str)
+    megc_class = {"0": "negative", "1": "positive", "2": "surprise"}
+    for name, labels in (("casme2", casme2_labels), ("samm", samm_labels)):
+        ds = get_dataset(name, tmp_path, labels)
+        ours = {(s.subject, s.sample): ds.classes[s.label] for s in ds.samples()}
+        subjects = {subject for subject, _ in ours}
+        rows = megc[megc["dataset"] == name]
+        assert len(rows) > 0
+        for row in rows.itertuples():
+            subject = normalise_subject(name, row.subject)
+            assert subject in subjects, (name, row.subject)
+            key = (subject, row.filename)
+            if megc_class[row.label] != "negative" or name == "casme2":
+                # same 3-class map for CASME II; MEGC's SAMM negative adds Fear/Sadness
+                assert ours.get(key) == megc_class[row.label], key
+            elif key in ours:
+                assert ours[key] == "negative", key
+    assert len(megc[megc["dataset"] == "casme2"]) == 145
+
+
+# ---- subject ids ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw", ["sub09", "9", "09", 9, 9.0, "Sub09", " 09 ", "casme2_sub09"])
+def test_normalise_subject_casme2(raw: object) -> None:
+    assert normalise_subject("casme2", raw) == "casme2_sub09"
+
+
+@pytest.mark.parametrize("raw", ["006", "6", 6, "06", "samm_006"])
+def test_normalise_subject_samm(raw: object) -> None:
+    assert normalise_subject("samm", raw) == "samm_006"
+
+
+def test_normalise_subject_synthetic_and_errors() -> None:
+    assert normalise_subject("synthetic", "03") == "synthetic_sub03"
+    assert normalise_subject("casme2", "sub26") == "casme2_sub26"
+    with pytest.raises(PipelineError, match="not a CASME II subject id"):
+        normalise_subject("casme2", "subject nine")
+    with pytest.raises(PipelineError, match="unknown dataset 'smic'"):
+        normalise_subject("smic", "01")
+
+
+# ---- frames --------------------------------------------------------------------------------
+
+
+def _touch(folder: Path, *names: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(b"")
+
+
+def test_casme2_frame_numbers_sorted_numerically(tmp_path: Path, casme2_labels: Path) -> None:
+    ds = Casme2(tmp_path, labels=casme2_labels)
+    sample = ds.samples()[0]  # sub01/EP02_01f
+    _touch(sample.folder, "img100.jpg", "img9.jpg", "img46.jpg", "Thumbs.db", "notes.txt")
+    assert ds.frame_numbers(sample) == [9, 46, 100]
+    assert ds.frame_path(sample, 46) == tmp_path / "sub01" / "EP02_01f" / "img46.jpg"
+    assert ds.frame_path(sample, 100).name == "img100.jpg"
+
+
+def test_casme2_reg_img_accepted(tmp_path: Path, casme2_labels: Path) -> None:
+    ds = Casme2(tmp_path, labels=casme2_labels)
+    sample = ds.samples()[0]
+    _touch(sample.folder, "reg_img46.jpg", "reg_img100.jpg", "reg_img9.jpg")
+    assert ds.frame_numbers(sample) == [9, 46, 100]
+    assert ds.frame_path(sample, 46) == sample.folder / "reg_img46.jpg"
+
+
+def test_samm_frame_path_format(tmp_path: Path, samm_labels: Path) -> None:
+    ds = Samm(tmp_path, labels=samm_labels)
+    sample = next(s for s in ds.samples() if s.sample == "006_1_2")
+    assert sample.onset == 5562
+    _touch(sample.folder, "006_05562.jpg", "006_05600.jpg", "006_10001.jpg", "007_05562.jpg")
+    assert ds.frame_path(sample, 5562) == tmp_path / "006" / "006_1_2" / "006_05562.jpg"
+    assert ds.frame_numbers(sample) == [5562, 5600, 10001]
+
+
+def test_missing_frame_error(tmp_path: Path, casme2_labels: Path, samm_labels: Path) -> None:
+    ds = Casme2(tmp_path, labels=casme2_labels)
+    sample = ds.samples()[0]
+    _touch(sample.folder, "img46.jpg")
+    with pytest.raises(PipelineError) as err:
+        ds.frame_path(sample, 47)
+    message = str(err.value)
+    assert "casme2_sub01/EP02_01f" in message and "frame 47" in message
+    assert str(sample.folder / "img47.jpg") in message and "data.root" in message
+    assert "\n" not in message
+
+    samm = Samm(tmp_path, labels=samm_labels)
+    s = samm.samples()[0]
+    _touch(s.folder)
+    with pytest.raises(PipelineError, match=r"006_1_2: frame 5562 is missing \(tried .*006_05562\.jpg\)"):
+        samm.frame_path(s, 5562)
+    with pytest.raises(PipelineError, match="no frame images in"):
+        samm.frame_numbers(s)
+
+
+def test_missing_sample_folder_error(tmp_path: Path, casme2_labels: Path) -> None:
+    ds = Casme2(tmp_path, labels=casme2_labels)
+    sample = ds.samples()[0]
+    for call in (lambda: ds.frame_path(sample, 46), lambda: ds.frame_numbers(sample)):
+        with pytest.raises(PipelineError) as err:
+            call()
+        message = str(err.value)
+        assert "EP02_01f" in message and str(sample.folder) in message
+        assert "does not exist" in message and "data.root" in message
+
+
+# ---- synthetic + label discovery -------------------------------------------------------------
+
+
+def test_synthetic_autodetects_single_sheet(tmp_path: Path) -> None:
+    _write_sheet(
+        tmp_path / "coding.csv",
+        [
+            ("03", "EP01_1", 10, 16, 22, "happiness"),
+            ("01", "EP01_2", 1, 7, 13, "surprise"),
+            ("01", "EP02_1", 5, 5, 11, "others"),
+            ("12", "EP01_3", 2, 8, 14, "repression"),
+        ],
+    )
+    ds = get_dataset("synthetic", tmp_path)
+    assert isinstance(ds, Synthetic) and ds.labels == tmp_path / "coding.csv"
+    assert ds.fixes == ()
+    samples = ds.samples()
+    assert [(s.subject, s.sample, ds.classes[s.label]) for s in samples] == [
+        ("synthetic_sub01", "EP01_2", "surprise"),
+        ("synthetic_sub03", "EP01_1", "positive"),
+        ("synthetic_sub12", "EP01_3", "negative"),
+    ]
+    assert samples[1].folder == tmp_path / "sub03" / "EP01_1"
+    assert ds.fixes_applied == []
+    _touch(samples[1].folder, "img10.jpg", "img16.jpg")
+    assert ds.frame_path(samples[1], 16) == tmp_path / "sub03" / "EP01_1" / "img16.jpg"
+
+
+def test_xlsx_with_blank_columns_like_casme2(tmp_path: Path) -> None:
+    columns = ["Subject", "Filename", "", "OnsetFrame", "ApexFrame", "OffsetFrame", " ", "Estimated Emotion"]
+    _write_sheet(tmp_path / "sheet.xlsx", [("7", "EP09f", None, 3, 4, 5, None, "disgust")], columns)
+    (sample,) = Synthetic(tmp_path).samples()
+    assert (sample.subject, sample.sample, sample.onset, sample.apex, sample.offset) == (
+        "synthetic_sub07",
+        "EP09f",
+        3,
+        4,
+        5,
+    )
+
+
+def test_no_or_several_sheets_in_root(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError) as err:
+        Synthetic(tmp_path)
+    message = str(err.value)
+    assert "no label spreadsheet" in message and str(tmp_path) in message and "data.labels" in message
+    _write_sheet(tmp_path / "a.csv", [("01", "EP01", 1, 2, 3, "happiness")])
+    _write_sheet(tmp_path / "b.xlsx", [("01", "EP01", 1, 2, 3, "happiness")])
+    with pytest.raises(PipelineError) as err:
+        Synthetic(tmp_path)
+    message = str(err.value)
+    assert "2 spreadsheets" in message and "a.csv" in message and "b.xlsx" in message
+    assert "dvc exp run -S data.labels=" in message
+    # an explicit labels path wins
+    assert Synthetic(tmp_path, labels=tmp_path / "a.csv").samples()[0].sample == "EP01"
+
+
+# ---- validation errors ---------------------------------------------------------------------
+
+
+def test_generic_validation_apex_outside(tmp_path: Path) -> None:
+    _write_sheet(tmp_path / "s.csv", [("02", "EP05", 10, 30, 20, "disgust")])
+    with pytest.raises(PipelineError) as err:
+        Synthetic(tmp_path).samples()
+    message = str(err.value)
+    assert "sub02/EP05" in message and "onset <= apex <= offset" in message
+    assert "apex 30" in message and "label_defects" in message and "fix that row" in message
+
+
+def test_generic_validation_not_a_number(tmp_path: Path) -> None:
+    _write_sheet(tmp_path / "s.csv", [("02", "EP05", 10, "/", 20, "disgust")])
+    with pytest.raises(PipelineError, match=r"sub02/EP05: ApexFrame '/' is not a frame number: fix that row"):
+        Synthetic(tmp_path).samples()
+    # an unmapped emotion is dropped before validation
+    _write_sheet(tmp_path / "s.csv", [("02", "EP05", 10, "/", 20, "others")])
+    assert Synthetic(tmp_path).samples() == []
+
+
+def test_duplicate_row(tmp_path: Path) -> None:
+    _write_sheet(
+        tmp_path / "s.csv", [("02", "EP05", 1, 2, 3, "disgust"), ("sub02", "EP05", 1, 2, 3, "disgust")]
+    )
+    with pytest.raises(PipelineError, match="appears twice"):
+        Synthetic(tmp_path).samples()
+
+
+def test_missing_root(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(PipelineError) as err:
+        get_dataset("casme2", missing)
+    message = str(err.value)
+    assert f"data.root {missing} does not exist" in message
+    assert "put the dataset there or set data.root" in message
+
+
+def test_unknown_dataset(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError) as err:
+        get_dataset("smic", tmp_path)
+    message = str(err.value)
+    assert "'smic'" in message and "casme2, samm, synthetic" in message
+    assert set(DATASETS) == {"casme2", "samm", "synthetic"}
+
+
+def test_labels_file_missing(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError) as err:
+        get_dataset("casme2", tmp_path, labels=tmp_path / "CASME2.xlsx")
+    message = str(err.value)
+    assert f"data.labels {tmp_path / 'CASME2.xlsx'} does not exist" in message
+    assert "dvc exp run -S data.labels=" in message
+
+
+def test_samm_file_given_to_casme2(tmp_path: Path, samm_labels: Path) -> None:
+    with pytest.raises(PipelineError) as err:
+        Casme2(tmp_path, labels=samm_labels).samples()
+    message = str(err.value)
+    assert str(samm_labels) in message and "not a CASME II coding file" in message
+    assert "OnsetFrame, ApexFrame, OffsetFrame" in message and "data.labels" in message
+
+
+def test_casme2_file_given_to_samm(tmp_path: Path, casme2_labels: Path) -> None:
+    with pytest.raises(PipelineError) as err:
+        Samm(tmp_path, labels=casme2_labels).samples()
+    message = str(err.value)
+    assert "not a SAMM coding file" in message and "'MICRO_ONLY'" in message
+    assert "Onset Frame, Apex Frame, Offset Frame" in message
+
+
+def test_missing_columns(tmp_path: Path) -> None:
+    columns = ["Subject", "Filename", "OnsetFrame", "Apex", "OffsetFrame", "Estimated Emotion"]
+    _write_sheet(tmp_path / "s.csv", [("01", "EP01", 1, 2, 3, "happiness")], columns)
+    with pytest.raises(PipelineError, match="expected columns Subject, Filename, OnsetFrame, ApexFrame"):
+        Synthetic(tmp_path).samples()
+
+
+def test_unreadable_and_unsupported_label_files(tmp_path: Path) -> None:
+    (tmp_path / "bad.xlsx").write_text("not a workbook")
+    with pytest.raises(PipelineError, match=r"bad\.xlsx is not a synthetic"):
+        Synthetic(tmp_path, labels=tmp_path / "bad.xlsx").samples()
+    (tmp_path / "labels.txt").write_text("x")
+    with pytest.raises(PipelineError, match="unsupported file type"):
+        Synthetic(tmp_path, labels=tmp_path / "labels.txt").samples()
+
+
+@pytest.mark.parametrize("classes", [2, 5, "three", None])
+def test_unknown_class_count(tmp_path: Path, classes: object) -> None:
+    _write_sheet(tmp_path / "s.csv", [("01", "EP01", 1, 2, 3, "happiness")])
+    with pytest.raises(PipelineError) as err:
+        get_dataset("synthetic", tmp_path, classes=classes)  # type: ignore[arg-type]
+    assert f"data.classes is {classes!r}" in str(err.value) and "3 or 4" in str(err.value)
+
+
+def test_unknown_label_defects_policy(tmp_path: Path) -> None:
+    _write_sheet(tmp_path / "s.csv", [("01", "EP01", 1, 2, 3, "happiness")])
+    with pytest.raises(PipelineError) as err:
+        get_dataset("synthetic", tmp_path, label_defects="ignore")
+    assert "data.label_defects is 'ignore'" in str(err.value) and "repair, drop" in str(err.value)
+
+
+# ---- fix table -----------------------------------------------------------------------------
+
+
+def test_fix_table_markdown() -> None:
+    text = fix_table_markdown()
+    assert text == FIXES_MARKDOWN
+    lines = text.strip().splitlines()
+    assert lines[0] == "| dataset | sample | defect | repair | reason |"
+    assert len(lines) == 2 + len(Casme2.fixes) + len(Samm.fixes) == 7
+    for sample in ("sub04/EP12_01f", "sub05/EP09_05f", "028/028_4_1", "032/032_3_1", "032/032_3_2"):
+        assert sample in text
+    assert "apex / -> 291" in text and "2014 coding file" in text
+    assert all(fix.reason and fix.defect for fix in Casme2.fixes + Samm.fixes)
