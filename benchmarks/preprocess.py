@@ -1,0 +1,116 @@
+"""Preprocessing cost per sample, step by step, and how close the parallel pipeline gets to it.
+
+    python -m benchmarks.preprocess
+
+Needs the dataset of params.yaml on disk (`dvc repro synthesize` for the default). Prints each
+step's single-thread seconds per sample, then runs the five preprocessing stages as `dvc repro`
+would (one process per stage, `workers` = all cores) in a scratch directory and prints the
+end-to-end samples/s and the efficiency = (sum of single-thread step times / cores) ÷ (measured
+seconds per sample): 1.0 means the pool loses nothing to start-up, I/O or idle workers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+
+from stages import face, frames
+from stages.common import load_params, write_h5
+from stages.datasets import get_dataset
+from stages.flow import flow_pair
+from stages.landmarks import landmarks_pair
+from stages.magnify import magnify_pair
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("frames", "magnify", "flow", "landmarks", "pack")
+
+
+def single_thread_steps(jobs: list[frames.FrameJob], params: dict) -> dict[str, float]:
+    """Seconds per sample of each step, one thread, in this process."""
+    cv2.setNumThreads(1)
+    fp, mp = params["frames"], params["magnify"]
+    predictor_file = face.predictor_path(params["landmarks"]["predictor"])
+    face.predictor(predictor_file)
+    totals = dict.fromkeys(("decode", "face detection + alignment", "magnification", "TV-L1",
+                            "landmarks", "HDF5 write"), 0.0)
+    crops = []
+    for job in jobs:
+        t0 = time.perf_counter()
+        onset, apex = frames.read_rgb(job.onset_path, job.name), frames.read_rgb(job.apex_path, job.name)
+        t1 = time.perf_counter()
+        crop = frames.crop_sample(job, fp["size"], fp["margin"], fp["detect_width"], fp["upsample"],
+                                  predictor_file)
+        t2 = time.perf_counter()
+        magnified = magnify_pair(crop["onset"], crop["apex"], mp["method"], mp["alpha"], mp["levels"],
+                                 mp["orientations"], mp["sigma"])
+        t3 = time.perf_counter()
+        flow_pair((crop["onset"], magnified), params["flow"])
+        t4 = time.perf_counter()
+        landmarks_pair((crop["onset"], crop["apex"], crop["face_box"]), predictor_file)
+        t5 = time.perf_counter()
+        totals["decode"] += t1 - t0
+        totals["face detection + alignment"] += (t2 - t1) - (t1 - t0)  # crop_sample decodes again
+        totals["magnification"] += t3 - t2
+        totals["TV-L1"] += t4 - t3
+        totals["landmarks"] += t5 - t4
+        crops.append((crop, magnified))
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        write_h5(Path(tmp) / "bench.h5", {
+            "onset": np.stack([c["onset"] for c, _ in crops]),
+            "apex": np.stack([m for _, m in crops]),
+            "flow": np.zeros((len(crops), fp["size"], fp["size"], 2), np.float32),
+        }, {})
+        totals["HDF5 write"] = time.perf_counter() - t0
+    return {step: seconds / len(jobs) for step, seconds in totals.items()}
+
+
+def pipeline_seconds(params: dict) -> float:
+    """Wall time of the preprocessing stages as separate processes, in a scratch project."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        shutil.copytree(REPO / "stages", work / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+        run_params = dict(params, workers=0)
+        run_params["data"] = dict(params["data"], root=str((REPO / params["data"]["root"]).resolve()))
+        (work / "params.yaml").write_text(yaml.safe_dump(run_params))
+        start = time.perf_counter()
+        for stage in STAGES:
+            subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=work, check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    params = load_params(REPO / "params.yaml")
+    data = params["data"]
+    dataset = get_dataset(data["dataset"], REPO / data["root"], data["labels"] or None, data["classes"],
+                          data["label_defects"])
+    jobs = frames.frame_jobs(dataset, dataset.samples())
+    cores = os.cpu_count() or 1
+
+    steps = single_thread_steps(jobs, params)
+    print(f"single-thread seconds per sample ({len(jobs)} samples of {dataset.name}):")
+    for step, seconds in steps.items():
+        print(f"  {step:<28} {seconds:8.4f}")
+    step_sum = sum(steps.values())
+    print(f"  {'sum':<28} {step_sum:8.4f}")
+
+    wall = pipeline_seconds(params)
+    per_sample = wall / len(jobs)
+    print(f"pipeline ({' -> '.join(STAGES)}, {cores} cores): {wall:.1f} s, "
+          f"{len(jobs) / wall:.2f} samples/s, {per_sample:.4f} s per sample")
+    print(f"limit set by per-sample compute: {step_sum / cores:.4f} s per sample")
+    print(f"efficiency = (sum / cores) / measured = {step_sum / cores / per_sample:.2f}")
+
+
+if __name__ == "__main__":
+    main()
