@@ -1,0 +1,97 @@
+"""GCN (eq. 2): geometric features GF (51 x d) from the onset/apex landmarks FL (51 x 4).
+
+Node n here is dlib point n + 17 (the jaw, dlib 0-16, is dropped). Graph edges, in dlib numbering:
+- chains: right brow 17-18-19-20-21, left brow 22-23-24-25-26, nose bridge 27-28-29-30,
+  nostrils 31-32-33-34-35, nose tip 30-31, 30-33, 30-35;
+- loops: right eye 36..41 (41-36), left eye 42..47 (47-42), outer lip 48..59 (59-48),
+  inner lip 60..67 (67-60);
+- within the mouth: outer/inner corners and mid-lips 48-60, 51-62, 54-64, 57-66;
+- cross-region: brow-eye 17-36, 19-37, 21-39, 22-42, 24-44, 26-45; glabella 21-27, 22-27;
+  eye-nose 39-27, 42-27; nose-mouth 31-48, 33-51, 35-54;
+- symmetric (left-right) links: brow ends 17-26, brow peaks 19-24, inner brows 21-22,
+  outer eye corners 36-45, inner eye corners 39-42, mouth corners 48-54.
+Each edge has a learnable positive weight (exp of a parameter, 1 at init, shared by both directions);
+the adjacency gets self-loops (weight 1) and is normalised symmetrically, D^-1/2 (A + I) D^-1/2.
+
+Node input (6 features, from the 4 columns x_onset, y_onset, x_apex, y_apex in crop pixels):
+the four coordinates centred and scaled to [-1, 1] ((p - 112) / 112), and the apex - onset
+displacement divided by DISPLACEMENT_SCALE_PX = 2 px (movements are a few pixels at most, so
+/112 would make them vanish next to the positions).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+NUM_LANDMARKS = 51
+DLIB_OFFSET = 17
+DISPLACEMENT_SCALE_PX = 2.0
+HALF = 112.0  # half the 224 crop
+
+
+def _chain(*pts: int) -> list[tuple[int, int]]:
+    return list(zip(pts[:-1], pts[1:]))
+
+
+def _loop(first: int, last: int) -> list[tuple[int, int]]:
+    return _chain(*range(first, last + 1), first)
+
+
+DLIB_EDGES: list[tuple[int, int]] = (
+    _chain(17, 18, 19, 20, 21)
+    + _chain(22, 23, 24, 25, 26)
+    + _chain(27, 28, 29, 30)
+    + _chain(31, 32, 33, 34, 35)
+    + [(30, 31), (30, 33), (30, 35)]
+    + _loop(36, 41)
+    + _loop(42, 47)
+    + _loop(48, 59)
+    + _loop(60, 67)
+    + [(48, 60), (51, 62), (54, 64), (57, 66)]
+    + [(17, 36), (19, 37), (21, 39), (22, 42), (24, 44), (26, 45), (21, 27), (22, 27), (39, 27), (42, 27)]
+    + [(31, 48), (33, 51), (35, 54)]
+    + [(17, 26), (19, 24), (21, 22), (36, 45), (39, 42), (48, 54)]
+)
+EDGES: list[tuple[int, int]] = [(a - DLIB_OFFSET, b - DLIB_OFFSET) for a, b in DLIB_EDGES]
+
+
+def node_features(landmarks: Tensor) -> Tensor:
+    """B x 51 x 4 crop pixels -> B x 51 x 6 (centred positions, scaled displacement)."""
+    pos = (landmarks - HALF) / HALF
+    disp = (landmarks[..., 2:4] - landmarks[..., 0:2]) / DISPLACEMENT_SCALE_PX
+    return torch.cat([pos, disp], dim=-1)
+
+
+class GCN(nn.Module):
+    """`layers` graph convolutions H' = Â H W over the facial graph (eq. 2): B x 51 x 4 -> B x 51 x d."""
+
+    def __init__(self, dim: int = 256, layers: int = 2, in_features: int = 6):
+        super().__init__()
+        if layers < 1:
+            raise ValueError(f"gcn_layers must be >= 1, got {layers}")
+        idx = torch.tensor(EDGES, dtype=torch.long).t()  # 2 x E
+        self.register_buffer("edge_index", idx, persistent=False)
+        self.edge_logit = nn.Parameter(torch.zeros(idx.shape[1]))  # weight = exp(0) = 1 at init
+        dims = [in_features] + [dim] * layers
+        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def adjacency(self) -> Tensor:
+        """Normalised adjacency D^-1/2 (A + I) D^-1/2, 51 x 51."""
+        n = NUM_LANDMARKS
+        w = self.edge_logit.exp()
+        a = torch.zeros(n, n, device=w.device, dtype=w.dtype)
+        a = a.index_put((self.edge_index[0], self.edge_index[1]), w, accumulate=True)
+        a = a.index_put((self.edge_index[1], self.edge_index[0]), w, accumulate=True)
+        a = a + torch.eye(n, device=w.device, dtype=w.dtype)
+        d = a.sum(dim=1).rsqrt()
+        return d[:, None] * a * d[None, :]
+
+    def forward(self, landmarks: Tensor) -> Tensor:
+        adj = self.adjacency()
+        h = node_features(landmarks)  # B x 51 x 6
+        for i, lin in enumerate(self.linears):
+            h = adj @ lin(h)  # B x 51 x d  (eq. 2, one graph convolution)
+            if i < len(self.linears) - 1:
+                h = torch.relu(h)
+        return h

@@ -1,0 +1,162 @@
+"""LAMiF (paper §3.2): landmark-aligned local blocks (eq. 3) and their fusion by SC-SA (eqs. 4-6).
+
+Alignment. Apex landmark n at crop pixel (x, y) maps to (x h0/224, y h0/224) in the feature map
+(eq. 3), in feature-map *index* coordinates: cell (i, j) of AF/MF sits at (x = j, y = i). The B x B
+block centred there is read with bilinear sampling (F.grid_sample, align_corners=True so that
+normalised -1 / +1 are the centres of the first / last cells, padding_mode="zeros"): sample k of a
+row sits at x + k - (B - 1)/2, k = 0..B-1 (B = 4: offsets -1.5, -0.5, 0.5, 1.5), one cell apart.
+Everything outside the map reads as zero, so blocks at the face border stay correct and the
+sampling is differentiable in the features (and landmarks). The block, flattened in (C, row, col)
+order (B*B*C = 4096 values), is mapped to d by a linear layer, one per modality.
+
+LAMiF off (Table 3 "x LAMiF"): no landmark alignment and no local fusion. AF and MF are cut into
+non-overlapping B x B patches on a fixed grid ((h0/B)^2 = 196 tokens each), embedded by the same
+kind of linear layer, and sent with the 51 GCN node tokens straight to the global module: "directly
+performing global fusion of multi-information" (paper §4.4.1).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.stems import IMAGE_SIZE
+
+MODALITIES = ("appearance", "motion", "geometry")
+LOCAL_FUSIONS = ("sc-sa", "sa-mean", "sa-max", "concat-fc")
+WEAK_INDEX = {"appearance": 0, "geometry": 1}  # position of w_a, w_g in SCSA.w
+
+
+def landmark_to_feature(points_px: Tensor, h0: int, image_size: int = IMAGE_SIZE) -> Tensor:
+    """Eq. 3: crop pixels -> feature-map index coordinates, PF_n = P_n h0 / 224."""
+    return points_px * (h0 / image_size)
+
+
+def sample_blocks(fmap: Tensor, points: Tensor, block: int) -> Tensor:
+    """B x C x H x W map, B x N x 2 points (x, y, feature index coords) -> B x N x C x block x block."""
+    b, c, h, w = fmap.shape
+    n = points.shape[1]
+    offs = torch.arange(block, device=fmap.device, dtype=fmap.dtype) - (block - 1) / 2
+    oy, ox = torch.meshgrid(offs, offs, indexing="ij")  # block x block
+    xs = points[..., 0, None] + ox.reshape(1, 1, -1)  # B x N x block^2
+    ys = points[..., 1, None] + oy.reshape(1, 1, -1)
+    grid = torch.stack([2 * xs / (w - 1) - 1, 2 * ys / (h - 1) - 1], dim=-1)  # B x N x block^2 x 2
+    out = F.grid_sample(fmap, grid.to(fmap.dtype), mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out.view(b, c, n, block, block).permute(0, 2, 1, 3, 4)  # B x N x C x block x block
+
+
+class LocalAlignment(nn.Module):
+    """Eq. 3 + flatten + linear: (AF or MF) B x C x h0 x h0, landmarks -> B x 51 x d."""
+
+    def __init__(self, channels: int, dim: int, block: int):
+        super().__init__()
+        self.block = block
+        self.proj = nn.Linear(block * block * channels, dim)
+
+    def forward(self, fmap: Tensor, apex_px: Tensor) -> Tensor:
+        pts = landmark_to_feature(apex_px, fmap.shape[-1])  # B x 51 x 2, eq. 3
+        blocks = sample_blocks(fmap, pts, self.block)  # B x 51 x C x B x B
+        return self.proj(blocks.flatten(2))  # B x 51 x d
+
+
+class GridTokens(nn.Module):
+    """LAMiF-off substitute: fixed-grid B x B patches -> B x (h0/B)^2 x d."""
+
+    def __init__(self, channels: int, dim: int, block: int):
+        super().__init__()
+        self.block = block
+        self.proj = nn.Linear(block * block * channels, dim)
+
+    def forward(self, fmap: Tensor, apex_px: Tensor | None = None) -> Tensor:
+        patches = F.unfold(fmap, self.block, stride=self.block)  # B x (C*B*B) x P, (C, row, col) order
+        return self.proj(patches.transpose(1, 2))  # B x P x d
+
+
+class SelfAttention3(nn.Module):
+    """Single-head self-attention among the k modality tokens of each landmark (eq. 5)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.q = nn.Linear(dim, dim, bias=False)  # W_Q
+        self.k = nn.Linear(dim, dim, bias=False)  # W_K
+        self.v = nn.Linear(dim, dim, bias=False)  # W_V
+        self.scale = dim**-0.5
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """B x N x k x d -> B x N x k x d; row i = Softmax(Q_i K / sqrt(d)) V^T (eq. 5)."""
+        q, k, v = self.q(tokens), self.k(tokens), self.v(tokens)
+        att = torch.softmax(q @ k.transpose(-1, -2) * self.scale, dim=-1)  # B x N x k x k
+        return att @ v
+
+
+class SCSA(nn.Module):
+    """Single-core self-attention (eqs. 4-6): motion row dominant (alpha), A/G rows softmax-weighted.
+
+    Tokens are given in `modalities` order. Without motion there is no core: it falls back to
+    sa-mean over the present tokens. With motion alone the output is the motion row. With one weak
+    modality its coefficient is 1 - alpha.
+    """
+
+    def __init__(self, dim: int, alpha: float, modalities: tuple[str, ...] | list[str]):
+        super().__init__()
+        if not 0.5 <= alpha <= 1.0:
+            raise ValueError(f"SC-SA alpha must be in [0.5, 1] (motion dominant), got {alpha}")
+        self.alpha = float(alpha)
+        self.modalities = tuple(modalities)
+        self.attn = SelfAttention3(dim)
+        self.weak = [m for m in self.modalities if m != "motion"]
+        self.w = nn.Parameter(torch.zeros(2))  # (w_a, w_g), eq. 6
+
+    def coefficients(self) -> dict[str, Tensor]:
+        """Weight of each present modality's row in F_n (eq. 6); they sum to 1."""
+        if "motion" not in self.modalities:
+            return {m: self.w.new_tensor(1 / len(self.modalities)) for m in self.modalities}
+        coef = {"motion": self.w.new_tensor(self.alpha if self.weak else 1.0)}
+        if self.weak:
+            w = self.w[[WEAK_INDEX[m] for m in self.weak]]
+            for m, p in zip(self.weak, torch.softmax(w, dim=0)):
+                coef[m] = (1 - self.alpha) * p
+        return coef
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        rows = self.attn(tokens)  # B x N x k x d: F~A, F~M, F~G (eq. 5)
+        coef = self.coefficients()
+        c = torch.stack([coef[m] for m in self.modalities]).to(rows.dtype)  # k
+        return (rows * c[:, None]).sum(dim=-2)  # B x N x d, eq. 6
+
+
+class SAPool(nn.Module):
+    """Table 5 'SA + Mean/Max Pl': the same self-attention, then mean or max over the k rows."""
+
+    def __init__(self, dim: int, mode: str):
+        super().__init__()
+        self.attn = SelfAttention3(dim)
+        self.mode = mode
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        rows = self.attn(tokens)  # B x N x k x d
+        return rows.mean(dim=-2) if self.mode == "mean" else rows.amax(dim=-2)  # B x N x d
+
+
+class ConcatFC(nn.Module):
+    """Table 5 'Concat + FC': concatenate the k tokens (k d) and map to d."""
+
+    def __init__(self, dim: int, k: int):
+        super().__init__()
+        self.fc = nn.Linear(k * dim, dim)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.fc(tokens.flatten(-2))  # B x N x k*d -> B x N x d
+
+
+def build_local_fusion(
+    name: str, dim: int, alpha: float, modalities: tuple[str, ...] | list[str]
+) -> nn.Module:
+    if name == "sc-sa":
+        return SCSA(dim, alpha, modalities)
+    if name in ("sa-mean", "sa-max"):
+        return SAPool(dim, name.removeprefix("sa-"))
+    if name == "concat-fc":
+        return ConcatFC(dim, len(modalities))
+    raise ValueError(f"local_fusion must be one of {list(LOCAL_FUSIONS)}, got {name!r}")

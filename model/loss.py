@@ -1,0 +1,68 @@
+"""CW-FLoss (eq. 8), focal loss, cross-entropy.
+
+Eq. 8 as printed, sum_c N_c (1 - p_c)^gamma log p_c, has no minus sign and a weight that grows with
+the class count, which would favour the majority class, against the paper's stated aim ("drive
+the model to focus on ME classes with fewer samples", §4.4.4, Fig. 5). We implement
+
+    loss = mean over the batch of  -w_y (1 - p_y)^gamma log p_y        (y: the true class)
+
+with w_c the normalised inverse class count of the training fold:
+
+    w_c = C (1 / n_c) / sum_k (1 / n_k)
+
+so the weights average to 1 over the classes, equal counts give w_c = 1 (plain focal loss), and a
+class half as frequent weighs twice as much. A class absent from the fold counts as n_c = 1 (its
+weight never applies to a training sample; this only keeps the others finite). Focal = all w_c = 1;
+`ce` = plain cross-entropy (gamma = 0, no weights).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+LOSSES = ("cw-focal", "focal", "ce")
+
+
+def class_weights(class_counts: Sequence[int] | np.ndarray | Tensor) -> Tensor:
+    """w_c = C (1/n_c) / sum_k (1/n_k): the normalised N_c of eq. 8, larger for rarer classes."""
+    n = torch.as_tensor(np.asarray(class_counts, dtype=np.float64)).clamp(min=1.0)
+    inv = 1.0 / n
+    return (len(n) * inv / inv.sum()).float()
+
+
+class FocalLoss(nn.Module):
+    """-w_y (1 - p_y)^gamma log p_y, mean over the batch (eq. 8, sign and weights as documented)."""
+
+    def __init__(self, gamma: float = 2.0, weights: Tensor | None = None):
+        super().__init__()
+        if gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        self.gamma = float(gamma)
+        self.register_buffer("weights", None if weights is None else weights.float())
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        logp = F.log_softmax(logits, dim=-1).gather(1, target[:, None]).squeeze(1)  # B: log p_y
+        loss = -((1 - logp.exp()) ** self.gamma) * logp
+        if self.weights is not None:
+            loss = loss * self.weights.to(loss.device)[target]
+        return loss.mean()
+
+
+def build_loss(
+    name: str, gamma: float = 2.0, class_counts: Sequence[int] | np.ndarray | None = None
+) -> nn.Module:
+    """`cw-focal` (needs the training fold's class_counts) | `focal` | `ce`; call as loss(logits, target)."""
+    if name == "cw-focal":
+        if class_counts is None or len(class_counts) == 0:
+            raise ValueError("loss cw-focal needs the training fold's class_counts")
+        return FocalLoss(gamma, class_weights(class_counts))
+    if name == "focal":
+        return FocalLoss(gamma)
+    if name == "ce":
+        return nn.CrossEntropyLoss()
+    raise ValueError(f"loss must be one of {list(LOSSES)}, got {name!r}")
