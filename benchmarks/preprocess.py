@@ -45,7 +45,8 @@ def single_thread_steps(jobs: list[frames.FrameJob], params: dict) -> dict[str, 
     crops = []
     for job in jobs:
         t0 = time.perf_counter()
-        onset, apex = frames.read_rgb(job.onset_path, job.name), frames.read_rgb(job.apex_path, job.name)
+        for path in (job.onset_path, job.apex_path):
+            frames.read_rgb(path, job.name)
         t1 = time.perf_counter()
         crop = frames.crop_sample(job, fp["size"], fp["margin"], fp["detect_width"], fp["upsample"],
                                   predictor_file)

@@ -44,12 +44,18 @@ def worker_count(requested: int) -> int:
     return requested if requested > 0 else (os.cpu_count() or 1)
 
 
-def _limit_threads() -> None:
-    # One process per core: libraries must not start their own thread pools on top.
+@contextlib.contextmanager
+def single_threaded_opencv() -> Iterator[None]:
+    """OpenCV on one thread inside the block. Around a fork this is also a fix: OpenCV's thread
+    pool does not survive fork, and a child touching a pool copied mid-wait can block forever."""
     import cv2
 
+    threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(threads)
 
 
 def parallel_map(
@@ -58,11 +64,14 @@ def parallel_map(
     """fn over items in order, on a process pool of `workers` (1 = in this process), with a bar."""
     workers = min(worker_count(workers), max(len(items), 1))
     bar = dict(total=len(items), desc=desc, unit="sample", file=sys.stderr, dynamic_ncols=True)
-    if workers == 1:
-        return [fn(item) for item in tqdm(items, **bar)]
-    # fork: workers inherit loaded models and imports, so start-up costs nothing per sample.
-    with get_context("fork").Pool(workers, initializer=_limit_threads) as pool:
-        return list(tqdm(pool.imap(fn, items, chunksize=1), **bar))
+    # One thread per process either way: one process per core needs no more, and results then
+    # cannot depend on the number of workers.
+    with single_threaded_opencv():
+        if workers == 1:
+            return [fn(item) for item in tqdm(items, **bar)]
+        # fork: workers inherit loaded models and imports, so start-up costs nothing per sample.
+        with get_context("fork").Pool(workers) as pool:
+            return list(tqdm(pool.imap(fn, items, chunksize=1), **bar))
 
 
 @contextlib.contextmanager
