@@ -164,10 +164,12 @@ def test_stem_layer_counting(layers):
 
 def test_stem_inputs_normalised():
     flow = torch.zeros(1, 2, 224, 224)
-    flow[0, 0], flow[0, 1] = 3.0, -4.0
+    flow[0, 0], flow[0, 1] = 0.5, 0.25  # head drift: the same everywhere
+    flow[0, 0, :50], flow[0, 1, :50] = 3.5, -3.75  # the expression: a region moving on top of it
     x = Stem(11, kind="motion").prepare(flow)
     assert x.shape == (1, 3, 224, 224)
     assert torch.allclose(x[0, :, 5, 7], torch.tensor([3.0, -4.0, 5.0]) / FLOW_SCALE_PX)
+    assert torch.allclose(x[0, :, 100, 7], torch.zeros(3), atol=1e-5)
     apex = torch.ones(1, 3, 2, 2) * torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     assert Stem(11).prepare(apex).abs().max() < 1e-6
 

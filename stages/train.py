@@ -1,0 +1,451 @@
+"""Stage `train`: Leave-One-Subject-Out training and evaluation of MiHF-Tr, `python -m stages.train`.
+
+Reads `data/processed/<data.dataset>.h5` (contracts.md). One fold per subject (sklearn
+`LeaveOneGroupOut` over the `subject` array): a fresh model is trained on the other subjects for a
+FIXED number of epochs (`train.epochs`) and the model of the last epoch predicts the held-out
+subject. Nothing (epoch, checkpoint, threshold) is ever chosen on the test subject. The
+predictions of all folds are pooled and scored with the MEGC2019 definition (stages/metrics.py).
+
+Optimisation (paper §4.2): Adam, lr `train.lr` (1e-3), divided by 10 (`lr_gamma`) every `lr_step`
+(20) epochs (StepLR), `epochs` (100), batches of at most `batch_size` (64). An epoch's shuffled
+training samples are cut into ceil(n / batch_size) batches of near-equal size (never a batch of
+one). The loss is `model.loss` with the class counts of the training fold.
+
+Frozen stems (`model.freeze_stems: true`, the CPU default): the stems never change, so AF and MF
+are computed once for every sample (no gradients, eval mode, `train.stem_batch` at a time, with
+stems initialised from `train.seed`, or the `model.pretrained` weights) and each fold trains only
+the head on these cached maps. Trainable stems (the paper): the whole model runs on every batch.
+
+Determinism: everything random in fold k (head initialisation, dropout, landmark jitter, batch
+order) is seeded from (train.seed, k), so the results do not depend on the order or the number of
+processes the folds run in. On CPU folds run in a pool of `workers` processes (top-level
+`workers`, 0 = all cores), one thread each (the serial path uses one thread too, so 1 worker and
+N workers give the same bytes); on CUDA (`train.device: auto` picks it when available) the folds
+run one after the other with deterministic algorithms. Same params + seed on the same machine ->
+byte-identical `metrics/loso.json` and `metrics/predictions.csv`.
+
+Outputs (atomic):
+- `metrics/loso.json`: `uf1`, `uar` (pooled), `accuracy`, `per_class`, `per_fold_mean`, `n_samples`,
+  `n_subjects`, `n_folds`, `n_params`; sorted keys, floats rounded to 6 decimals (deterministic).
+- `metrics/timing.json`: wall-clock seconds (stems, training, total), samples/s, device, workers.
+  Not deterministic, hence a file of its own (dvc.yaml: cache: false).
+- `metrics/predictions.csv`: `subject`, `sample`, `true`, `pred` (class names), `p_<class>`.
+- `metrics/train_loss.csv`: `epoch`, `loss` (mean over folds of the fold's mean training loss), `lr`.
+- `metrics/confusion.png`: the pooled confusion matrix.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import queue
+import sys
+import time
+from dataclasses import dataclass, fields
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.model_selection import LeaveOneGroupOut
+from tqdm import tqdm
+
+from model import MiHFTr, ModelConfig, build_loss, count_parameters, prepare_batch
+from stages.common import PipelineError, atomic_path, load_params, read_h5, run_main, worker_count
+from stages.metrics import confusion_matrix, per_fold_mean, pooled_scores, round_floats
+
+PROCESSED = Path("data/processed")
+METRICS = Path("metrics")
+LOSO_JSON = METRICS / "loso.json"
+TIMING_JSON = METRICS / "timing.json"
+PREDICTIONS_CSV = METRICS / "predictions.csv"
+LOSS_CSV = METRICS / "train_loss.csv"
+CONFUSION_PNG = METRICS / "confusion.png"
+ARRAYS = ("apex", "flow", "landmarks", "label", "subject", "sample")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The `train:` section of params.yaml (paper values in the comments of params.yaml)."""
+
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
+    seed: int = 0
+    epochs: int = 100
+    batch_size: int = 64
+    lr: float = 1e-3
+    lr_step: int = 20  # epochs between learning-rate decays
+    lr_gamma: float = 0.1  # factor of each decay (paper: divided by 10)
+    weight_decay: float = 0.0
+    stem_batch: int = 16  # samples per batch when caching frozen stem features (memory only)
+
+    @classmethod
+    def from_params(cls, section: dict[str, Any] | None) -> TrainConfig:
+        section = dict(section or {})
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(section) - set(valid))
+        if unknown:
+            raise PipelineError(f"unknown train key(s) {unknown} in params.yaml; valid keys: {valid}")
+        try:
+            config = cls(**section)
+        except TypeError as err:
+            raise PipelineError(f"params.yaml train: {err}") from err
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        for name in ("seed", "epochs", "batch_size", "lr_step", "stem_batch"):
+            value = getattr(self, name)
+            low = 0 if name == "seed" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise PipelineError(f"train.{name} must be an integer >= {low}, got {value!r}")
+        for name, low in (("lr", 0.0), ("lr_gamma", 0.0), ("weight_decay", 0.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
+                raise PipelineError(f"train.{name} must be a number >= {low}, got {value!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
+            raise PipelineError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class Fold:
+    index: int
+    subject: str
+    train: np.ndarray  # sample indices
+    test: np.ndarray
+    seed: int
+
+
+@dataclass
+class FoldResult:
+    index: int
+    probs: np.ndarray  # len(test) x C, float64
+    losses: list[float]  # mean training loss per epoch
+    lrs: list[float]  # learning rate used in each epoch
+
+
+def derive_seed(seed: int, *keys: int) -> int:
+    """A 32-bit seed from (seed, keys): independent streams for the stems and each fold."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
+
+
+def loso_splits(subjects: np.ndarray, seed: int = 0) -> list[Fold]:
+    """One fold per subject (LeaveOneGroupOut: subjects in sorted order), each with its own seed."""
+    subjects = np.asarray(subjects)
+    if len(np.unique(subjects)) < 2:
+        raise PipelineError(f"LOSO needs at least 2 subjects, the dataset has {len(np.unique(subjects))}")
+    folds = []
+    for k, (train, test) in enumerate(LeaveOneGroupOut().split(np.zeros(len(subjects)), groups=subjects)):
+        folds.append(Fold(k, str(subjects[test[0]]), train, test, derive_seed(seed, 1, k)))
+    return folds
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(f"train.device is {name} but CUDA is not available: "
+                            "set train.device: auto or cpu")
+    return device
+
+
+def epoch_batches(indices: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffled indices cut into ceil(n / batch_size) near-equal batches (no batch of one unless n = 1)."""
+    order = rng.permutation(indices)
+    return np.array_split(order, max(1, math.ceil(len(order) / batch_size)))
+
+
+# ---- fold training (runs in this process or in forked workers that inherit _STATE) -------------
+
+_STATE: dict[str, Any] = {}  # set before the pool forks: data, cached features, configs
+_PROGRESS: Any = None  # a Queue (workers) or a callable (in process): one tick per epoch
+
+
+def _tick() -> None:
+    if callable(_PROGRESS):
+        _PROGRESS()
+    elif _PROGRESS is not None:
+        _PROGRESS.put(1)
+
+
+def _inputs(idx: np.ndarray) -> tuple[Any, Any, torch.Tensor]:
+    """(AF, MF, landmarks) of frozen stems, or (apex, flow, landmarks) for trainable stems, on the device."""
+    s = _STATE
+    device = s["device"]
+    if s["cached"]:
+        t = torch.from_numpy(idx).to(s["features_device"])
+        af, mf = (_gather(name, t) for name in ("af", "mf"))
+        return af, mf, s["landmarks"][t].to(device)
+    return prepare_batch(s["apex"][idx], s["flow"][idx], s["landmarks_np"][idx], device)
+
+
+def _gather(name: str, t: torch.Tensor) -> torch.Tensor | None:
+    """Rows t of a cached feature array, into a reused buffer (a fresh 200 MB tensor per batch costs
+    more in page faults than the copy itself)."""
+    s = _STATE
+    if s[name] is None:
+        return None
+    buffers = s.setdefault("buffers", {})
+    if name not in buffers:
+        buffers[name] = torch.empty((s["train"].batch_size, *s[name].shape[1:]), dtype=s[name].dtype,
+                                    device=s[name].device)
+    out = buffers[name][: len(t)]
+    torch.index_select(s[name], 0, t, out=out)
+    return out.to(s["device"])
+
+
+def _forward(net: MiHFTr, a: Any, b: Any, lm: torch.Tensor) -> torch.Tensor:
+    return net.head(a, b, lm) if _STATE["cached"] else net(a, b, lm)
+
+
+def train_fold(fold: Fold) -> FoldResult:
+    """Train a fresh model on fold.train for the fixed number of epochs, predict fold.test."""
+    s = _STATE
+    cfg: TrainConfig = s["train"]
+    model_cfg: ModelConfig = s["model"]
+    device, labels, num_classes = s["device"], s["labels"], s["num_classes"]
+    torch.manual_seed(fold.seed)  # initialisation, dropout, landmark jitter
+    rng = np.random.default_rng(fold.seed)  # batch order
+    net = MiHFTr(model_cfg, num_classes).to(device)
+    counts = np.bincount(labels[fold.train], minlength=num_classes)
+    loss_fn = build_loss(model_cfg.loss, model_cfg.gamma, counts).to(device)
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimiser = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.StepLR(optimiser, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    y_all = torch.from_numpy(labels)
+    losses, lrs = [], []
+    for _ in range(cfg.epochs):
+        net.train()
+        total = 0.0
+        lrs.append(float(optimiser.param_groups[0]["lr"]))
+        for idx in epoch_batches(fold.train, cfg.batch_size, rng):
+            a, b, lm = _inputs(idx)
+            loss = loss_fn(_forward(net, a, b, lm), y_all[idx].to(device))
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            total += float(loss.detach()) * len(idx)
+        losses.append(total / len(fold.train))
+        schedule.step()
+        _tick()
+    net.eval()
+    probs = []
+    with torch.no_grad():
+        for start in range(0, len(fold.test), cfg.batch_size):
+            a, b, lm = _inputs(fold.test[start:start + cfg.batch_size])
+            probs.append(torch.softmax(_forward(net, a, b, lm).double(), dim=-1).cpu().numpy())
+    return FoldResult(fold.index, np.concatenate(probs), losses, lrs)
+
+
+def _init_worker() -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+def run_folds(folds: list[Fold], workers: int, epochs: int) -> list[FoldResult]:
+    """All folds, in a pool of forked single-thread workers on CPU or one after the other."""
+    global _PROGRESS
+    bar = tqdm(total=len(folds) * epochs, desc="train (folds x epochs)", unit="epoch",
+               file=sys.stderr, dynamic_ncols=True)
+    workers = min(worker_count(workers), len(folds))
+    try:
+        if _STATE["device"].type != "cpu" or workers == 1:
+            _PROGRESS = lambda: bar.update(1)  # noqa: E731
+            threads = torch.get_num_threads()
+            if _STATE["device"].type == "cpu":
+                torch.set_num_threads(1)  # as in the workers: same arithmetic, same bytes
+            try:
+                return [train_fold(fold) for fold in folds]
+            finally:
+                torch.set_num_threads(threads)
+        ctx = get_context("fork")  # workers inherit _STATE (data, cached features) without copying
+        _PROGRESS = ctx.Queue()
+        with ctx.Pool(workers, initializer=_init_worker) as pool:
+            pending = pool.map_async(train_fold, folds, chunksize=1)
+            while not pending.ready():
+                try:
+                    _PROGRESS.get(timeout=0.2)
+                    bar.update(1)
+                except queue.Empty:
+                    pass
+            results = pending.get()
+        while bar.n < bar.total:  # ticks still in the queue
+            try:
+                _PROGRESS.get(timeout=1.0)
+            except queue.Empty:
+                break
+            bar.update(1)
+        return results
+    finally:
+        _PROGRESS = None
+        bar.close()
+
+
+# ---- stems ----------------------------------------------------------------------------------------
+
+def stem_features(net: MiHFTr, apex: np.ndarray, flow: np.ndarray, landmarks: np.ndarray,
+                  device: torch.device, batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """AF, MF (N x C x h0 x h0 float32) of every sample through the frozen stems, `batch` at a time."""
+    net.eval()
+    af_parts, mf_parts = [], []
+    with torch.no_grad():
+        for start in tqdm(range(0, len(apex), batch), desc="stem features", unit="batch",
+                          file=sys.stderr, dynamic_ncols=True):
+            sl = slice(start, start + batch)
+            a, f, _ = prepare_batch(apex[sl], flow[sl], landmarks[sl], device)
+            af, mf = net.stems(a, f)
+            af_parts.append(af)
+            mf_parts.append(mf)
+    join = lambda parts: torch.cat(parts) if parts[0] is not None else None  # noqa: E731
+    return join(af_parts), join(mf_parts)
+
+
+# ---- outputs --------------------------------------------------------------------------------------
+
+def write_json(path: Path, data: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(round_floats(data), sort_keys=True, indent=2) + "\n")
+
+
+def write_predictions(path: Path, subjects: np.ndarray, samples: np.ndarray, y_true: np.ndarray,
+                      probs: np.ndarray, classes: list[str]) -> None:
+    y_pred = probs.argmax(axis=1)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["subject", "sample", "true", "pred", *(f"p_{c}" for c in classes)])
+        for subject, sample, t, p, row in zip(subjects, samples, y_true, y_pred, probs):
+            writer.writerow([subject, sample, classes[t], classes[p], *(f"{v:.6f}" for v in row)])
+
+
+def write_loss_curve(path: Path, results: list[FoldResult]) -> None:
+    losses = np.mean([r.losses for r in results], axis=0)
+    lrs = results[0].lrs
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["epoch", "loss", "lr"])
+        for epoch, (loss, lr) in enumerate(zip(losses, lrs), start=1):
+            writer.writerow([epoch, f"{loss:.6f}", f"{lr:.6g}"])
+
+
+def plot_confusion(path: Path, cm: np.ndarray, classes: list[str], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 2.5, 1.2 * len(classes) + 2))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    top = cm.max() if cm.size else 0
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                    color="white" if cm[i, j] > top / 2 else "black")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
+# ---- the stage ------------------------------------------------------------------------------------
+
+def evaluate(params: dict, h5_path: Path) -> dict[str, Any]:
+    """Run LOSO on the processed file with these params; write every output; return the metrics."""
+    t_start = time.perf_counter()
+    cfg = TrainConfig.from_params(params.get("train"))
+    try:
+        model_cfg = ModelConfig.from_params(params.get("model"))
+    except ValueError as err:
+        raise PipelineError(f"params.yaml model: {err}") from err
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    arrays, attrs = read_h5(h5_path, ARRAYS)
+    classes = json.loads(attrs["classes"]) if isinstance(attrs["classes"], str) else list(attrs["classes"])
+    labels, subjects = arrays["label"].astype(np.int64), np.asarray(arrays["subject"])
+    if len(labels) == 0:
+        raise PipelineError(f"{h5_path} holds no samples")
+    folds = loso_splits(subjects, cfg.seed)
+
+    torch.manual_seed(derive_seed(cfg.seed, 0))
+    try:
+        stem_net = MiHFTr(model_cfg, len(classes))
+    except (FileNotFoundError, ValueError) as err:
+        raise PipelineError(str(err)) from err
+    n_params = count_parameters(stem_net)["total"]
+    _STATE.clear()
+    _STATE.update(train=cfg, model=model_cfg, device=device, labels=labels, num_classes=len(classes),
+                  cached=model_cfg.freeze_stems)
+    t_stems = time.perf_counter()
+    if model_cfg.freeze_stems:
+        stem_net.to(device)
+        af, mf = stem_features(stem_net, arrays["apex"], arrays["flow"], arrays["landmarks"], device,
+                               cfg.stem_batch)
+        where = next((x.device for x in (af, mf) if x is not None), device)
+        landmarks = torch.from_numpy(np.ascontiguousarray(arrays["landmarks"], np.float32)).to(where)
+        _STATE.update(af=af, mf=mf, features_device=where, landmarks=landmarks)
+    else:
+        _STATE.update(apex=arrays["apex"], flow=arrays["flow"], landmarks_np=arrays["landmarks"])
+    del stem_net
+    t_train = time.perf_counter()
+    results = run_folds(folds, params.get("workers", 0), cfg.epochs)
+    t_end = time.perf_counter()
+    _STATE.clear()
+
+    probs = np.zeros((len(labels), len(classes)), dtype=np.float64)
+    for fold, result in zip(folds, results):
+        probs[fold.test] = result.probs
+    y_pred = probs.argmax(axis=1)
+    scores = pooled_scores(labels, y_pred, classes)
+    metrics = {
+        **scores,
+        "per_fold_mean": per_fold_mean(labels, y_pred, subjects),
+        "n_samples": int(len(labels)),
+        "n_subjects": int(len(np.unique(subjects))),
+        "n_folds": len(folds),
+        "n_params": int(n_params),
+    }
+    write_json(LOSO_JSON, metrics)
+    write_predictions(PREDICTIONS_CSV, subjects, np.asarray(arrays["sample"]), labels, probs, classes)
+    write_loss_curve(LOSS_CSV, results)
+    cm = confusion_matrix(labels, y_pred, len(classes))
+    plot_confusion(CONFUSION_PNG, cm, classes,
+                   f"{attrs.get('dataset', h5_path.stem)} LOSO, pooled: UF1 {scores['uf1']:.4f}, "
+                   f"UAR {scores['uar']:.4f}")
+    trained = sum(len(f.train) for f in folds) * cfg.epochs
+    timing = {
+        "device": str(device),
+        "workers": min(worker_count(params.get("workers", 0)), len(folds)) if device.type == "cpu" else 1,
+        "stems_s": round(t_train - t_stems, 3) if model_cfg.freeze_stems else 0.0,
+        "train_s": round(t_end - t_train, 3),
+        "total_s": round(time.perf_counter() - t_start, 3),
+        "train_samples_per_s": round(trained / max(t_end - t_train, 1e-9), 3),
+    }
+    with atomic_path(TIMING_JSON) as tmp:
+        tmp.write_text(json.dumps(timing, sort_keys=True, indent=2) + "\n")
+    return metrics
+
+
+def main() -> None:
+    params = load_params()
+    h5_path = PROCESSED / f"{params['data']['dataset']}.h5"
+    metrics = evaluate(params, h5_path)
+    print(f"train: LOSO over {metrics['n_folds']} subjects, {metrics['n_samples']} samples: pooled UF1 "
+          f"{metrics['uf1']:.4f}, UAR {metrics['uar']:.4f}, accuracy {metrics['accuracy']:.4f} "
+          f"(per-fold mean, not comparable: UF1 {metrics['per_fold_mean']['uf1']:.4f}, "
+          f"UAR {metrics['per_fold_mean']['uar']:.4f}) -> {LOSO_JSON}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,220 @@
+"""LOSO training stage: MEGC2019 metrics, subject-disjoint splits, determinism, and the DVC stage."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import run
+from sklearn.metrics import accuracy_score, f1_score, recall_score
+from sklearn.metrics import confusion_matrix as sk_confusion_matrix
+
+from stages import metrics, train
+from stages.common import read_h5
+
+CLASSES = ["negative", "positive", "surprise", "other"]
+
+TINY_TRAIN = {"device": "cpu", "seed": 0, "epochs": 2, "batch_size": 8, "lr": 0.001, "lr_step": 1,
+              "lr_gamma": 0.1, "weight_decay": 0.0, "stem_batch": 8}
+
+
+# ---- metrics -------------------------------------------------------------------------------------
+
+def hand_made() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """4 classes; `other` (3) is never predicted, `surprise` (2) never true but predicted once."""
+    y_true = np.array([0, 0, 0, 0, 1, 1, 1, 3, 3, 0, 1, 1])
+    y_pred = np.array([0, 0, 1, 2, 1, 1, 0, 0, 1, 0, 1, 0])
+    folds = np.array(["a", "a", "a", "a", "a", "b", "b", "b", "b", "c", "c", "c"])
+    return y_true, y_pred, folds
+
+
+def test_pooled_scores_equal_sklearn_macro_over_all_classes():
+    y_true, y_pred, _ = hand_made()
+    labels = list(range(len(CLASSES)))
+    got = metrics.pooled_scores(y_true, y_pred, CLASSES)
+    uf1 = f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+    uar = recall_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+    assert got["uf1"] == pytest.approx(uf1, abs=1e-12)
+    assert got["uar"] == pytest.approx(uar, abs=1e-12)
+    assert got["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
+    f1s = f1_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
+    recalls = recall_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
+    for c, name in enumerate(CLASSES):
+        assert got["per_class"][name]["f1"] == pytest.approx(f1s[c])
+        assert got["per_class"][name]["recall"] == pytest.approx(recalls[c])
+        assert got["per_class"][name]["support"] == int((y_true == c).sum())
+    assert got["per_class"]["other"]["f1"] == 0.0  # never predicted: counts as 0, not skipped
+    assert got["uf1"] < f1_score(y_true, y_pred, labels=[0, 1], average="macro")
+    np.testing.assert_array_equal(metrics.confusion_matrix(y_true, y_pred, 4),
+                                  sk_confusion_matrix(y_true, y_pred, labels=labels))
+
+
+def test_per_fold_mean_is_not_the_pooled_score():
+    y_true, y_pred, folds = hand_made()
+    pooled = metrics.pooled_scores(y_true, y_pred, CLASSES)
+    mean = metrics.per_fold_mean(y_true, y_pred, folds)
+    expected = {"uf1": [], "uar": []}
+    for f in np.unique(folds):
+        t, p = y_true[folds == f], y_pred[folds == f]
+        expected["uf1"].append(f1_score(t, p, average="macro", zero_division=0))
+        expected["uar"].append(recall_score(t, p, average="macro", zero_division=0))
+    assert mean["uf1"] == pytest.approx(np.mean(expected["uf1"]))
+    assert mean["uar"] == pytest.approx(np.mean(expected["uar"]))
+    assert abs(mean["uf1"] - pooled["uf1"]) > 0.01 and abs(mean["uar"] - pooled["uar"]) > 0.01
+
+
+def test_round_floats_is_stable():
+    data = {"a": np.float32(1 / 3), "b": [-0.0000001, np.int64(3)], "c": {"d": 2.5}}
+    assert json.dumps(metrics.round_floats(data)) == '{"a": 0.333333, "b": [0.0, 3], "c": {"d": 2.5}}'
+
+
+# ---- splits and determinism ----------------------------------------------------------------------
+
+def test_loso_folds_never_train_on_the_test_subject(processed_h5: Path):
+    arrays, _ = read_h5(processed_h5, ["subject"])
+    subjects = arrays["subject"]
+    folds = train.loso_splits(subjects, seed=0)
+    assert len(folds) == len(set(subjects))
+    tested = np.concatenate([f.test for f in folds])
+    assert sorted(tested) == list(range(len(subjects)))  # every sample tested exactly once
+    for fold in folds:
+        assert set(subjects[fold.test]) == {fold.subject}
+        assert fold.subject not in set(subjects[fold.train])
+        assert len(fold.train) + len(fold.test) == len(subjects)
+    assert len({f.seed for f in folds}) == len(folds)
+
+
+def test_a_single_subject_is_refused():
+    with pytest.raises(train.PipelineError, match="at least 2 subjects"):
+        train.loso_splits(np.array(["s1", "s1"]))
+
+
+def test_bad_train_params_are_one_line_errors():
+    with pytest.raises(train.PipelineError, match="unknown train key"):
+        train.TrainConfig.from_params({"epoch": 3})
+    with pytest.raises(train.PipelineError, match="train.batch_size"):
+        train.TrainConfig.from_params({"batch_size": 0})
+
+
+def test_batches_cover_the_fold_once_without_singletons():
+    rng = np.random.default_rng(0)
+    batches = train.epoch_batches(np.arange(65), 64, rng)
+    assert [len(b) for b in batches] == [33, 32]
+    assert sorted(np.concatenate(batches)) == list(range(65))
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_results_do_not_depend_on_the_number_of_workers(frozen: bool):
+    """3 subjects, 1 epoch, cached stem maps (frozen) or raw inputs through the whole model (trainable):
+    1 worker and 2 workers give the same bytes."""
+    from model import ModelConfig
+
+    g = torch.Generator().manual_seed(0)
+    n, subjects = 9, np.array(["s1", "s2", "s3"] * 3)
+    labels = np.array([0, 1, 2, 1, 2, 0, 2, 0, 1])
+    cfg = train.TrainConfig(device="cpu", epochs=1, batch_size=4, lr_step=1)
+    model_cfg = ModelConfig(dim=16, block=2, freeze_stems=frozen)
+    state = dict(train=cfg, model=model_cfg, device=torch.device("cpu"), labels=labels, num_classes=3,
+                 cached=frozen, features_device=torch.device("cpu"),
+                 landmarks=torch.rand(n, 51, 4, generator=g) * 224)
+    if frozen:
+        state.update(af=torch.randn(n, 256, 56, 56, generator=g), mf=torch.randn(n, 256, 56, 56, generator=g))
+    else:
+        rng = np.random.default_rng(0)
+        state.update(apex=rng.integers(0, 256, (n, 224, 224, 3), dtype=np.uint8),
+                     flow=rng.normal(0, 1, (n, 224, 224, 2)).astype(np.float32),
+                     landmarks_np=state["landmarks"].numpy())
+    folds = train.loso_splits(subjects, seed=3)
+    outs = []
+    for workers in (1, 2):
+        train._STATE.clear()
+        train._STATE.update(state)
+        outs.append(train.run_folds(folds, workers, cfg.epochs))
+    train._STATE.clear()
+    for a, b in zip(*outs):
+        assert a.probs.tobytes() == b.probs.tobytes() and a.losses == b.losses
+
+
+# ---- the DVC stage, end to end --------------------------------------------------------------------
+
+def ran_stages(output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+@pytest.fixture(scope="module")
+def train_project(tiny_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the tiny pipeline project (preprocessed) with tiny train params."""
+    project = tmp_path_factory.mktemp("train") / "project"
+    shutil.copytree(tiny_project, project, symlinks=True)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"] = TINY_TRAIN
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return project
+
+
+def test_train_stage_end_to_end(train_project: Path):
+    project = train_project
+    first = run(["dvc", "repro"], project)
+    assert ran_stages(first.stdout) == ["train"], first.stdout
+    loso = json.loads((project / "metrics/loso.json").read_text())
+    assert {"uf1", "uar", "accuracy", "per_class", "per_fold_mean", "n_samples", "n_subjects", "n_folds",
+            "n_params"} <= set(loso)
+    arrays, attrs = read_h5(project / "data/processed/synthetic.h5", ["label", "subject", "sample"])
+    classes = json.loads(attrs["classes"])
+    assert loso["n_samples"] == len(arrays["label"])
+    assert loso["n_folds"] == loso["n_subjects"] == len(set(arrays["subject"]))
+    assert set(loso["per_class"]) == set(classes) and set(loso["per_fold_mean"]) == {"uf1", "uar"}
+    assert loso["n_params"] > 0
+
+    # pooled UF1 / UAR recomputed independently from the predictions CSV
+    with open(project / "metrics/predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["subject", "sample", "true", "pred", *(f"p_{c}" for c in classes)]
+    assert [r["sample"] for r in rows] == list(arrays["sample"])
+    assert [r["true"] for r in rows] == [classes[i] for i in arrays["label"]]
+    for r in rows:
+        probs = [float(r[f"p_{c}"]) for c in classes]
+        assert sum(probs) == pytest.approx(1, abs=1e-5) and r["pred"] == classes[int(np.argmax(probs))]
+    y_true, y_pred = [r["true"] for r in rows], [r["pred"] for r in rows]
+    assert loso["uf1"] == pytest.approx(f1_score(y_true, y_pred, labels=classes, average="macro",
+                                                 zero_division=0), abs=1e-6)
+    assert loso["uar"] == pytest.approx(recall_score(y_true, y_pred, labels=classes, average="macro",
+                                                     zero_division=0), abs=1e-6)
+    with open(project / "metrics/train_loss.csv") as f:
+        curve = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in curve] == [1, 2] and float(curve[1]["lr"]) == pytest.approx(1e-4)
+    timing = json.loads((project / "metrics/timing.json").read_text())
+    assert timing["train_s"] > 0 and "wall" not in (project / "metrics/loso.json").read_text()
+    assert (project / "metrics/confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+    # same params + seed: byte-identical metrics and predictions
+    before = {name: (project / "metrics" / name).read_bytes() for name in ("loso.json", "predictions.csv")}
+    again = run(["dvc", "repro", "-f", "-s", "train"], project)
+    assert ran_stages(again.stdout) == ["train"]
+    for name, data in before.items():
+        assert (project / "metrics" / name).read_bytes() == data, name
+
+    # nothing changed: nothing runs; metrics and plots are declared
+    assert ran_stages(run(["dvc", "repro"], project).stdout) == []
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], project).stdout)
+    assert "metrics/loso.json" in json.dumps(shown)
+    plots = run(["dvc", "plots", "show", "--json"], project)
+    assert "confusion" in plots.stdout and "train_loss.csv" in plots.stdout
+
+    # commit, then an experiment changing a training param reruns only `train`
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "train baseline"], project)
+    exp = run(["dvc", "exp", "run", "-S", "train.lr=0.01"], project)
+    assert ran_stages(exp.stdout) == ["train"], exp.stdout
+    params_diff = json.loads(run(["dvc", "params", "diff", "--json"], project).stdout)
+    lr = params_diff["params.yaml"]["train.lr"]
+    assert (lr["old"], lr["new"]) == (0.001, 0.01)
+    metrics_diff = json.loads(run(["dvc", "metrics", "diff", "--all", "--json"], project).stdout)
+    assert "uf1" in metrics_diff["metrics/loso.json"]
