@@ -22,7 +22,8 @@ processes the folds run in. On CPU folds run in a pool of `workers` processes (t
 `workers`, 0 = all cores), one thread each (the serial path uses one thread too, so 1 worker and
 N workers give the same bytes); on CUDA (`train.device: auto` picks it when available) the folds
 run one after the other with deterministic algorithms. Same params + seed on the same machine ->
-byte-identical `metrics/loso.json` and `metrics/predictions.csv`.
+byte-identical `metrics/loso.json`, `metrics/predictions.csv`, `metrics/per_fold.csv` and
+`data/features.h5`.
 
 Outputs (atomic):
 - `metrics/loso.json`: `uf1`, `uar` (pooled), `accuracy`, `per_class`, `per_fold_mean`, `n_samples`,
@@ -30,6 +31,14 @@ Outputs (atomic):
 - `metrics/timing.json`: wall-clock seconds (stems, training, total), samples/s, device, workers.
   Not deterministic, hence a file of its own (dvc.yaml: cache: false).
 - `metrics/predictions.csv`: `subject`, `sample`, `true`, `pred` (class names), `p_<class>`.
+- `metrics/per_fold.csv`: `subject`, `n`, `uf1`, `uar`, `accuracy` of each fold (test subject) alone
+  (`stages.metrics.fold_scores`), one row per subject in fold order: the paired samples of the Wilcoxon
+  test between two variants (`python -m stages.report wilcoxon`).
+- `data/features.h5` (stages.common.write_h5, deterministic): the out-of-fold fused feature F_ME of
+  every sample (`features`, N x d float32: the held-out subject through its fold's final model, eval
+  mode, the same forward that gives the probabilities) with `subject`, `sample`, `label`, `pred`
+  (class indices), rows in the order of predictions.csv; attrs `classes`, `dataset`, `model` (JSON).
+  Input of `python -m stages.report tsne` (t-SNE, ARa / AEr, paper §4.3).
 - `metrics/train_loss.csv`: `epoch`, `loss` (mean over folds of the fold's mean training loss), `lr`.
 - `metrics/confusion.png`: the pooled confusion matrix.
 """
@@ -43,7 +52,7 @@ import os
 import queue
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -54,14 +63,16 @@ from sklearn.model_selection import LeaveOneGroupOut
 from tqdm import tqdm
 
 from model import MiHFTr, ModelConfig, build_loss, count_parameters, prepare_batch
-from stages.common import PipelineError, atomic_path, load_params, read_h5, run_main, worker_count
-from stages.metrics import confusion_matrix, per_fold_mean, pooled_scores, round_floats
+from stages.common import PipelineError, atomic_path, load_params, read_h5, run_main, worker_count, write_h5
+from stages.metrics import confusion_matrix, fold_scores, per_fold_mean, pooled_scores, round_floats
 
 PROCESSED = Path("data/processed")
 METRICS = Path("metrics")
 LOSO_JSON = METRICS / "loso.json"
 TIMING_JSON = METRICS / "timing.json"
 PREDICTIONS_CSV = METRICS / "predictions.csv"
+PER_FOLD_CSV = METRICS / "per_fold.csv"
+FEATURES_H5 = Path("data/features.h5")
 LOSS_CSV = METRICS / "train_loss.csv"
 CONFUSION_PNG = METRICS / "confusion.png"
 ARRAYS = ("apex", "flow", "landmarks", "label", "subject", "sample")
@@ -124,6 +135,7 @@ class FoldResult:
     probs: np.ndarray  # len(test) x C, float64
     losses: list[float]  # mean training loss per epoch
     lrs: list[float]  # learning rate used in each epoch
+    features: np.ndarray  # len(test) x d, float32: fused feature F_ME of the test samples (eval mode)
 
 
 def derive_seed(seed: int, *keys: int) -> int:
@@ -201,6 +213,13 @@ def _forward(net: MiHFTr, a: Any, b: Any, lm: torch.Tensor) -> torch.Tensor:
     return net.head(a, b, lm) if _STATE["cached"] else net(a, b, lm)
 
 
+def _forward_features(net: MiHFTr, a: Any, b: Any, lm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, F_ME): the same arithmetic as _forward (net(...) is stems then head)."""
+    if not _STATE["cached"]:
+        a, b = net.stems(a, b)
+    return net.head(a, b, lm, return_features=True)
+
+
 def train_fold(fold: Fold) -> FoldResult:
     """Train a fresh model on fold.train for the fixed number of epochs, predict fold.test."""
     s = _STATE
@@ -232,12 +251,14 @@ def train_fold(fold: Fold) -> FoldResult:
         schedule.step()
         _tick()
     net.eval()
-    probs = []
+    probs, features = [], []
     with torch.no_grad():
         for start in range(0, len(fold.test), cfg.batch_size):
             a, b, lm = _inputs(fold.test[start:start + cfg.batch_size])
-            probs.append(torch.softmax(_forward(net, a, b, lm).double(), dim=-1).cpu().numpy())
-    return FoldResult(fold.index, np.concatenate(probs), losses, lrs)
+            logits, f_me = _forward_features(net, a, b, lm)
+            probs.append(torch.softmax(logits.double(), dim=-1).cpu().numpy())
+            features.append(f_me.float().cpu().numpy())
+    return FoldResult(fold.index, np.concatenate(probs), losses, lrs, np.concatenate(features))
 
 
 def _init_worker() -> None:
@@ -318,6 +339,26 @@ def write_predictions(path: Path, subjects: np.ndarray, samples: np.ndarray, y_t
         writer.writerow(["subject", "sample", "true", "pred", *(f"p_{c}" for c in classes)])
         for subject, sample, t, p, row in zip(subjects, samples, y_true, y_pred, probs):
             writer.writerow([subject, sample, classes[t], classes[p], *(f"{v:.6f}" for v in row)])
+
+
+def write_per_fold(path: Path, y_true: np.ndarray, y_pred: np.ndarray, folds: list[Fold]) -> None:
+    """One row per fold: the test subject, its sample count, UF1 / UAR (stages.metrics.fold_scores:
+    macro over the classes in that fold) and accuracy, 6 decimals."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["subject", "n", "uf1", "uar", "accuracy"])
+        for fold in folds:
+            t, p = y_true[fold.test], y_pred[fold.test]
+            uf1, uar = fold_scores(t, p)
+            accuracy = float(np.mean(t == p))
+            writer.writerow([fold.subject, len(fold.test), *(f"{v:.6f}" for v in (uf1, uar, accuracy))])
+
+
+def write_features(path: Path, features: np.ndarray, subjects: np.ndarray, samples: np.ndarray,
+                   y_true: np.ndarray, y_pred: np.ndarray, attrs: dict[str, Any]) -> None:
+    write_h5(path, {"features": features.astype(np.float32), "subject": np.asarray(subjects).astype(str),
+                    "sample": np.asarray(samples).astype(str), "label": y_true.astype(np.int64),
+                    "pred": y_pred.astype(np.int64)}, attrs)
 
 
 def write_loss_curve(path: Path, results: list[FoldResult]) -> None:
@@ -404,8 +445,10 @@ def evaluate(params: dict, h5_path: Path) -> dict[str, Any]:
     _STATE.clear()
 
     probs = np.zeros((len(labels), len(classes)), dtype=np.float64)
+    features = np.zeros((len(labels), results[0].features.shape[1]), dtype=np.float32)
     for fold, result in zip(folds, results):
         probs[fold.test] = result.probs
+        features[fold.test] = result.features
     y_pred = probs.argmax(axis=1)
     scores = pooled_scores(labels, y_pred, classes)
     metrics = {
@@ -418,6 +461,10 @@ def evaluate(params: dict, h5_path: Path) -> dict[str, Any]:
     }
     write_json(LOSO_JSON, metrics)
     write_predictions(PREDICTIONS_CSV, subjects, np.asarray(arrays["sample"]), labels, probs, classes)
+    write_per_fold(PER_FOLD_CSV, labels, y_pred, folds)
+    write_features(FEATURES_H5, features, subjects, np.asarray(arrays["sample"]), labels, y_pred,
+                   {"classes": classes, "dataset": str(attrs.get("dataset", h5_path.stem)),
+                    "model": asdict(model_cfg)})
     write_loss_curve(LOSS_CSV, results)
     cm = confusion_matrix(labels, y_pred, len(classes))
     plot_confusion(CONFUSION_PNG, cm, classes,

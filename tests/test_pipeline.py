@@ -74,7 +74,7 @@ def test_flow_is_nonzero_on_motion_and_zero_on_a_static_pair(processed_h5: Path)
 def test_second_repro_runs_nothing(tiny_project: Path) -> None:
     result = run(["dvc", "repro", "pack"], tiny_project)
     assert running_stages(result.stdout) == set()
-    assert "up to date" in run(["dvc", "status"], tiny_project).stdout
+    assert "up to date" in run(["dvc", "status", "pack"], tiny_project).stdout
 
 
 @pytest.fixture(scope="module")

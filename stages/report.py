@@ -1,0 +1,270 @@
+"""Reports of the paper beyond the LOSO scores, `python -m stages.report {tsne,wilcoxon} ...`.
+
+tsne (paper §4.3, Figure 4): t-SNE of the out-of-fold fused features F_ME written by the train stage
+(`data/features.h5`: every sample embedded by the model of the fold that held its subject out),
+coloured by true class, with the paper's ARa (average intra-class distance) and AEr (average
+inter-class distance). The paper does not define them; here, for points x_i with classes c:
+
+    mu_c = mean of the points of class c
+    ARa  = mean over classes of ( mean over i in c of ||x_i - mu_c|| )     (compactness, lower is better)
+    AEr  = mean over class pairs a < b of ||mu_a - mu_b||                  (separation, higher is better)
+
+(classes without samples are left out). t-SNE coordinates have no scale of their own, so `ara` /
+`aer` are computed on the 2-D embedding centred and scaled to unit RMS radius
+(sqrt(mean ||y_i - mean||^2) = 1): comparable between variants, e.g. two or three modalities.
+`feature_ara` / `feature_aer` are the same on the d-dim F_ME, each row L2-normalised (no t-SNE:
+independent of its perplexity and seed). t-SNE: sklearn, PCA init, fixed `--seed`, exact gradient
+up to 2000 samples (deterministic), Barnes-Hut above. Writes `--out` (png) and the same path with
+`.json`: sorted keys, 6 decimals.
+
+wilcoxon (paper §4.4, ablations): paired Wilcoxon signed-rank test (scipy.stats.wilcoxon,
+two-sided) of two variants' per-fold scores (`metrics/per_fold.csv` of two runs), one pair per
+test subject, for UF1 and UAR. The two files must hold the same subjects with the same numbers of
+samples (the same dataset and splits), otherwise nothing is tested. Zero differences (a subject
+scored the same by both) are dropped by the default `--zero-method wilcox`, as in scipy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import warnings
+from collections.abc import Sequence
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages.common import PipelineError, atomic_path, read_h5, run_main
+from stages.metrics import round_floats
+
+FEATURES_H5 = Path("data/features.h5")
+TSNE_PNG = Path("metrics/tsne.png")
+PER_FOLD_COLUMNS = ("subject", "n", "uf1", "uar", "accuracy")
+EXACT_TSNE_MAX = 2000
+
+
+# ---- ARa / AEr ------------------------------------------------------------------------------------
+
+def unit_rms(points: np.ndarray) -> np.ndarray:
+    """Points centred and scaled so that the RMS distance to their mean is 1."""
+    points = np.asarray(points, dtype=np.float64)
+    centred = points - points.mean(axis=0)
+    radius = math.sqrt(float(np.mean(np.sum(centred**2, axis=1)))) if len(points) else 0.0
+    return centred / radius if radius > 0 else centred
+
+
+def l2_rows(points: np.ndarray) -> np.ndarray:
+    points = np.asarray(points, dtype=np.float64)
+    norms = np.linalg.norm(points, axis=1, keepdims=True)
+    return np.divide(points, norms, out=np.zeros_like(points), where=norms > 0)
+
+
+def class_distances(points: np.ndarray, labels: Sequence[int] | np.ndarray) -> dict[str, Any]:
+    """ARa, AEr (module docstring) of points N x k with class labels, as given (no scaling)."""
+    points, labels = np.asarray(points, dtype=np.float64), np.asarray(labels)
+    if len(points) != len(labels):
+        raise ValueError(f"{len(points)} points but {len(labels)} labels")
+    present = np.unique(labels)
+    if len(present) < 2:
+        raise PipelineError(f"ARa / AEr need at least 2 classes, the samples hold {len(present)}")
+    centres = {c: points[labels == c].mean(axis=0) for c in present}
+    intra = {c: float(np.linalg.norm(points[labels == c] - centres[c], axis=1).mean()) for c in present}
+    inter = [float(np.linalg.norm(centres[a] - centres[b])) for a, b in combinations(present, 2)]
+    return {"ara": float(np.mean(list(intra.values()))), "aer": float(np.mean(inter)),
+            "intra": {c.item() if hasattr(c, "item") else c: d for c, d in intra.items()}}
+
+
+# ---- t-SNE ----------------------------------------------------------------------------------------
+
+def tsne_embedding(features: np.ndarray, perplexity: float, seed: int) -> tuple[np.ndarray, float]:
+    """2-D t-SNE of the rows (perplexity clipped below the number of samples); (embedding, perplexity)."""
+    from sklearn.manifold import TSNE
+
+    n = len(features)
+    if n < 3:
+        raise PipelineError(f"t-SNE needs at least 3 samples, the features file holds {n}")
+    perplexity = float(min(perplexity, (n - 1) / 3))
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto",
+                random_state=seed, method="exact" if n <= EXACT_TSNE_MAX else "barnes_hut")
+    return tsne.fit_transform(np.asarray(features, dtype=np.float64)), perplexity
+
+
+def tsne_report(features_path: Path, out_png: Path, perplexity: float = 30.0,
+                seed: int = 0) -> dict[str, Any]:
+    arrays, attrs = read_h5(features_path, ["features", "label"])
+    features, labels = arrays["features"], arrays["label"].astype(np.int64)
+    classes = json.loads(attrs["classes"]) if isinstance(attrs["classes"], str) else list(attrs["classes"])
+    if features.ndim != 2 or len(features) != len(labels):
+        raise PipelineError(f"{features_path}: features {features.shape} do not match {len(labels)} labels")
+    embedding, used_perplexity = tsne_embedding(features, perplexity, seed)
+    on_tsne = class_distances(unit_rms(embedding), labels)
+    on_features = class_distances(l2_rows(features), labels)
+    report = {
+        "ara": on_tsne["ara"],
+        "aer": on_tsne["aer"],
+        "feature_ara": on_features["ara"],
+        "feature_aer": on_features["aer"],
+        "ara_per_class": {classes[c]: d for c, d in on_tsne["intra"].items()},
+        "n_samples": int(len(labels)),
+        "dim": int(features.shape[1]),
+        "perplexity": used_perplexity,
+        "seed": int(seed),
+    }
+    model = json.loads(attrs["model"]) if "model" in attrs else {}
+    title = (f"{attrs.get('dataset', features_path.stem)} out-of-fold F_ME"
+             + (f" ({' + '.join(model['modalities'])})" if model.get("modalities") else "")
+             + f"\nt-SNE: ARa {report['ara']:.3f}, AEr {report['aer']:.3f} (unit RMS radius)")
+    plot_tsne(out_png, unit_rms(embedding), labels, classes, title)
+    with atomic_path(out_png.with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps(round_floats(report), sort_keys=True, indent=2) + "\n")
+    return report
+
+
+def plot_tsne(path: Path, points: np.ndarray, labels: np.ndarray, classes: list[str], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    colours = plt.get_cmap("tab10")
+    for c, name in enumerate(classes):
+        mask = labels == c
+        if mask.any():
+            ax.scatter(points[mask, 0], points[mask, 1], s=14, color=colours(c % 10), label=f"{c} {name}",
+                       alpha=0.8, linewidths=0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
+# ---- Wilcoxon -------------------------------------------------------------------------------------
+
+def read_per_fold(path: Path) -> dict[str, dict[str, float]]:
+    """subject -> {n, uf1, uar, accuracy} of a metrics/per_fold.csv."""
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"{path} is missing (per-fold scores: metrics/per_fold.csv of a train run)")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in PER_FOLD_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise PipelineError(f"{path} lacks column(s) {missing}: not a per_fold.csv of the train stage")
+        table: dict[str, dict[str, float]] = {}
+        for row in reader:
+            if row["subject"] in table:
+                raise PipelineError(f"{path}: subject {row['subject']} appears twice")
+            try:
+                table[row["subject"]] = {c: float(row[c]) for c in PER_FOLD_COLUMNS[1:]}
+            except ValueError as err:
+                raise PipelineError(f"{path}, subject {row['subject']}: {err}") from err
+    if not table:
+        raise PipelineError(f"{path} holds no folds")
+    return table
+
+
+def paired_wilcoxon(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]],
+                    metrics: Sequence[str] = ("uf1", "uar"), zero_method: str = "wilcox") -> dict[str, Any]:
+    """Two-sided paired Wilcoxon signed-rank test of b vs a per metric, pairs matched by subject."""
+    from scipy.stats import wilcoxon
+
+    if set(a) != set(b):
+        only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+        raise PipelineError(f"the two per-fold tables hold different subjects (only in A: {only_a}, "
+                            f"only in B: {only_b}): not the same LOSO splits, no paired test")
+    subjects = sorted(a)
+    sizes = [s for s in subjects if a[s]["n"] != b[s]["n"]]
+    if sizes:
+        raise PipelineError(f"subject(s) {sizes} have different numbers of samples in the two tables: "
+                            "not the same dataset, no paired test")
+    out: dict[str, Any] = {"n": len(subjects), "subjects": subjects, "zero_method": zero_method}
+    for metric in metrics:
+        x = np.array([a[s][metric] for s in subjects])
+        y = np.array([b[s][metric] for s in subjects])
+        diff = y - x
+        with warnings.catch_warnings():  # all-zero differences: scipy warns and returns p = 1 or nan
+            warnings.simplefilter("ignore", RuntimeWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            result = wilcoxon(y, x, zero_method=zero_method, alternative="two-sided")
+        out[metric] = {
+            "statistic": float(result.statistic),
+            "pvalue": float(result.pvalue),
+            "mean_a": float(x.mean()),
+            "mean_b": float(y.mean()),
+            "mean_diff": float(diff.mean()),
+            "median_diff": float(np.median(diff)),
+            "n_used": int(len(diff) - (diff == 0).sum()) if zero_method == "wilcox" else len(diff),
+            "b_better": int((diff > 0).sum()),
+            "ties": int((diff == 0).sum()),
+            "a_better": int((diff < 0).sum()),
+        }
+    return out
+
+
+def format_wilcoxon(result: dict[str, Any], name_a: str, name_b: str) -> str:
+    lines = [f"paired Wilcoxon signed-rank test (two-sided, zero_method={result['zero_method']}) over "
+             f"n = {result['n']} folds (subjects)", f"  A = {name_a}", f"  B = {name_b}"]
+    for metric in ("uf1", "uar", "accuracy"):
+        if metric in result:
+            r = result[metric]
+            lines.append(f"{metric.upper():>8}: mean A {r['mean_a']:.4f}, mean B {r['mean_b']:.4f}, "
+                         f"difference B - A: mean {r['mean_diff']:+.4f}, median {r['median_diff']:+.4f}; "
+                         f"B better / tie / A better: {r['b_better']}/{r['ties']}/{r['a_better']}")
+            lines.append(f"          W = {r['statistic']:.4g} over {r['n_used']} non-zero pairs, "
+                         f"p = {r['pvalue']:.4g}")
+            if r["n_used"] < 6:
+                lines.append(f"          note: with {r['n_used']} non-zero pairs a two-sided p-value cannot "
+                             f"go below {2 / 2 ** r['n_used']:.4g}")
+    return "\n".join(lines)
+
+
+# ---- command line ---------------------------------------------------------------------------------
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m stages.report", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("tsne", help="t-SNE of the out-of-fold fused features, ARa / AEr")
+    t.add_argument("--features", type=Path, default=FEATURES_H5, help=f"default {FEATURES_H5}")
+    t.add_argument("--out", type=Path, default=TSNE_PNG,
+                   help=f"png to write, the numbers go beside it as .json (default {TSNE_PNG})")
+    t.add_argument("--perplexity", type=float, default=30.0)
+    t.add_argument("--seed", type=int, default=0)
+    w = sub.add_parser("wilcoxon", help="paired Wilcoxon test of two per_fold.csv (A vs B)")
+    w.add_argument("a", type=Path, help="per_fold.csv of variant A (e.g. the baseline)")
+    w.add_argument("b", type=Path, help="per_fold.csv of variant B")
+    w.add_argument("--metric", action="append", choices=["uf1", "uar", "accuracy"],
+                   help="repeatable; default uf1 and uar")
+    w.add_argument("--zero-method", default="wilcox", choices=["wilcox", "pratt", "zsplit"])
+    w.add_argument("--json", type=Path, help="also write the results here")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.command == "tsne":
+        if args.out.suffix != ".png":
+            raise PipelineError(f"--out must be a .png path, got {args.out}")
+        report = tsne_report(args.features, args.out, args.perplexity, args.seed)
+        print(f"tsne: {report['n_samples']} samples, t-SNE ARa {report['ara']:.4f}, AEr {report['aer']:.4f}; "
+              f"L2-normalised F_ME ARa {report['feature_ara']:.4f}, AEr {report['feature_aer']:.4f} "
+              f"-> {args.out}, {args.out.with_suffix('.json')}")
+        return
+    result = paired_wilcoxon(read_per_fold(args.a), read_per_fold(args.b), args.metric or ("uf1", "uar"),
+                             args.zero_method)
+    print(format_wilcoxon(result, str(args.a), str(args.b)))
+    if args.json:
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(round_floats(result), sort_keys=True, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    run_main(main)
