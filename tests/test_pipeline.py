@@ -14,7 +14,10 @@ import pytest
 import yaml
 from conftest import run
 
+from stages import face
+from stages.datasets import get_dataset
 from stages.flow import flow_pair
+from stages.frames import FrameJob, crop_sample, extract_frames
 
 SIZE = 224
 
@@ -96,3 +99,38 @@ def test_forced_rerun_is_byte_identical(project_copy: Path) -> None:
 def test_flow_param_reruns_only_flow_and_what_follows(project_copy: Path) -> None:
     set_params(project_copy, flow__warps=3)
     assert running_stages(run(["dvc", "repro", "pack"], project_copy).stdout) == {"flow", "pack"}
+
+
+def test_casme2_reader_runs_the_frames_stage_on_a_casme2_format_tree(tiny_project: Path) -> None:
+    """The synthetic set is written in CASME II's format: the casme2 reader must take it as is."""
+    params = yaml.safe_load((tiny_project / "params.yaml").read_text())
+    root = tiny_project / "data" / "raw" / "synthetic"
+    dataset = get_dataset("casme2", root)
+    arrays, no_face = extract_frames(dataset, params["frames"], face.predictor_path(""), workers=1)
+    with h5py.File(tiny_project / "data" / "processed" / "synthetic.h5") as f:
+        expected_samples = f["sample"].asstr()[()]
+        expected_onset = f["onset"][()]
+    assert no_face == [] and list(arrays["sample"]) == list(expected_samples)
+    assert all(s.startswith("casme2_sub") for s in arrays["subject"])
+    assert np.array_equal(arrays["onset"], expected_onset)  # same crops, whoever reads the sheet
+
+
+def test_grey_frames_give_three_equal_channels(tiny_project: Path, tmp_path: Path) -> None:
+    """SAMM's frames are grey: the crops repeat them on R, G and B."""
+    import cv2
+
+    dataset = get_dataset("synthetic", tiny_project / "data" / "raw" / "synthetic")
+    sample = dataset.samples()[0]
+    paths = []
+    for number in (sample.onset, sample.apex):
+        grey = cv2.imread(str(dataset.frame_path(sample, number)), cv2.IMREAD_GRAYSCALE)
+        paths.append(tmp_path / f"{number}.png")
+        cv2.imwrite(str(paths[-1]), grey)
+    params = yaml.safe_load((tiny_project / "params.yaml").read_text())["frames"]
+    crop = crop_sample(FrameJob("grey", *paths), params["size"], params["margin"], params["detect_width"],
+                       params["upsample"], face.predictor_path(""))
+    assert crop is not None
+    for key in ("onset", "apex"):
+        assert crop[key].shape == (SIZE, SIZE, 3)
+        assert np.array_equal(crop[key][..., 0], crop[key][..., 1])
+        assert np.array_equal(crop[key][..., 0], crop[key][..., 2])
