@@ -7,13 +7,16 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import cv2
+import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from conftest import REPO, merge
 
 from stages import frames, landmarks
-from stages.common import run_main
+from stages.common import atomic_path, run_main
 
 SAMPLE_DIR = "sub01"
 
@@ -45,8 +48,6 @@ def error_line(main: Callable[[], None], capsys: pytest.CaptureFixture) -> str:
 def some_sample(workdir: Path) -> tuple[Path, list[Path]]:
     """A sample folder of the 3-class set and its frames, sorted by number."""
     for xlsx in (workdir / "data/raw/synthetic").glob("*.xlsx"):
-        import pandas as pd
-
         table = pd.read_excel(xlsx, dtype={"Subject": str})
         row = table[table["Estimated Emotion"] != "others"].iloc[0]
         folder = workdir / "data/raw/synthetic" / f"sub{row['Subject']}" / row["Filename"]
@@ -96,8 +97,6 @@ def test_unreadable_frame_names_the_file(workdir: Path, capsys) -> None:
 
 
 def blank_onset(workdir: Path) -> str:
-    import cv2
-
     folder, (onset, _) = some_sample(workdir)
     cv2.imwrite(str(onset), np.full((480, 640, 3), 128, np.uint8))
     return folder.name
@@ -116,8 +115,6 @@ def test_no_face_skip_reports_in_json(workdir: Path) -> None:
     frames.main()
     skipped = json.loads((workdir / frames.NO_FACE_REPORT).read_text())["skipped_no_face"]
     assert len(skipped) == 1 and skipped[0].endswith(sample)
-    import h5py
-
     with h5py.File(workdir / frames.OUT) as f:
         assert sample not in set(f["sample"].asstr()[()])
 
@@ -128,8 +125,6 @@ def test_landmarks_stage_without_frames_says_what_to_run(workdir: Path, capsys) 
 
 
 def test_interrupted_write_leaves_no_file(tmp_path: Path) -> None:
-    from stages.common import atomic_path
-
     target = tmp_path / "out.h5"
     with pytest.raises(KeyboardInterrupt), atomic_path(target) as tmp:
         tmp.write_bytes(b"half")
