@@ -14,6 +14,9 @@ Methods (one entry of METHODS each, so `learned` plugs in as one more line):
           phase pushed on by (α − 1) × that difference. Octave bandwidth; `levels` octaves from π/4..π
           down plus one band above π/2, so (levels + 1) × orientations bands (see pyramid_filters).
           The low-pass residual (below ~π/16) and chrominance stay the apex's. ~0.1 s per 224² pair.
+* learned: Oh et al. 2018, the network of stages/magnifier.py with the weights that stage
+          `train_magnifier` writes (models/magnifier.pt, loaded once per process). Opt-in: see the
+          README for how it measures against phase.
 """
 
 from __future__ import annotations
@@ -178,7 +181,47 @@ def _phase(onset: np.ndarray, apex: np.ndarray, alpha: float, levels: int, orien
     return _to_uint8(apex.astype(np.float32) + delta)
 
 
-METHODS: dict[str, Callable[..., np.ndarray]] = {"none": _none, "linear": _linear, "phase": _phase}
+LEARNED_WEIGHTS = Path("models/magnifier.pt")
+
+
+@functools.cache
+def _learned_model(path: str) -> Any:
+    from stages.magnifier import load_model  # torch is imported only when `learned` is used
+
+    return load_model(path)
+
+
+def _learned(onset: np.ndarray, apex: np.ndarray, alpha: float, *, weights: Path | str | None = None,
+             **_: Any) -> np.ndarray:
+    import torch
+
+    from stages.magnifier import to_tensor, to_uint8
+
+    model = _learned_model(str(weights or LEARNED_WEIGHTS))
+    grey = apex.ndim == 2
+    pair = np.stack([onset, apex])
+    if grey:
+        pair = np.repeat(pair[..., None], 3, axis=3)
+    height, width = apex.shape[:2]
+    pad_y, pad_x = -height % 4, -width % 4  # the net halves the size twice
+    mode = "reflect" if min(height, width) > max(pad_y, pad_x) else "edge"
+    pair = np.pad(pair, ((0, 0), (0, pad_y), (0, pad_x), (0, 0)), mode=mode)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one process per core already (parallel_map)
+    try:
+        with torch.inference_mode():
+            x = to_tensor(pair)
+            out = model(x[:1], x[1:], torch.tensor([alpha], dtype=torch.float32))
+        out = to_uint8(out)[0, :height, :width]
+    finally:
+        torch.set_num_threads(threads)
+    if grey:  # back to grey through the same luma as everywhere else
+        out = _to_uint8(luminance(out))
+    return out
+
+
+METHODS: dict[str, Callable[..., np.ndarray]] = {"none": _none, "linear": _linear, "phase": _phase,
+                                                 "learned": _learned}
 
 
 def magnify_pair(onset: np.ndarray, apex: np.ndarray, method: str, alpha: float, levels: int = 4,

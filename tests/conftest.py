@@ -20,6 +20,7 @@ PROJECT_FILES = ("dvc.yaml", "params.yaml", "stages", "model", ".dvcignore", "py
 TINY_PARAMS = {
     "synthetic": {"subjects": 4, "samples": 24, "onset_to_apex": 3, "apex_to_offset": 2},
     "train": {"device": "cpu", "epochs": 2, "batch_size": 8, "lr_step": 1, "stem_batch": 8},
+    "magnifier": {"steps": 2, "batch": 1, "patch": 32},  # `magnify` depends on models/magnifier.pt
     "workers": 2,
 }
 

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from conftest import REPO, run
 
-PREPROCESSING = {"synthesize", "frames", "magnify", "flow", "landmarks", "pack"}
+PREPROCESSING = {"synthesize", "frames", "train_magnifier", "magnify", "flow", "landmarks", "pack"}
 
 
 class Lab(NamedTuple):
@@ -82,7 +82,7 @@ def lab(tiny_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Lab:
     assert_clean(a, "pack")  # `dvc repro` already stored the preprocessing outputs in A's cache
     run(["dvc", "remote", "add", "-d", "shared", str(remote)], a)
     trained = run(["dvc", "repro"], a)
-    assert running_stages(trained.stdout) == {"train", "tsne"}, trained.stdout
+    assert running_stages(trained.stdout) == {"train", "tsne", "eval_magnification"}, trained.stdout
     run(["git", "add", "-A"], a)
     run(["git", "commit", "-qm", "preprocessed + tiny training"], a)
     run(["dvc", "push"], a)
@@ -116,7 +116,7 @@ def test_repro_pull_restores_preprocessing_instead_of_running_it(lab: Lab, tmp_p
     assert h5_digests(b) == h5_digests(lab.a)
     expected = lock_stages(lab.a)
     if not keep_lock:
-        for stage in ("train", "tsne"):  # `dvc repro pack` relocks the preprocessing stages only
+        for stage in ("train", "tsne", "eval_magnification"):  # `dvc repro pack` relocks preprocessing only
             del expected[stage]
     assert lock_stages(b) == expected
     assert_clean(b, "pack")

@@ -147,9 +147,10 @@ def ran_stages(output: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def train_project(tiny_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the tiny pipeline project (preprocessed) with tiny train params."""
+    """A copy of the tiny pipeline project (tiny params) where all but training has run."""
     project = tmp_path_factory.mktemp("train") / "project"
     shutil.copytree(tiny_project, project, symlinks=True)
+    run(["dvc", "repro", "eval_magnification"], project)
     return project
 
 

@@ -1,0 +1,133 @@
+"""Learned motion magnification: the network's structure, its training data, its plug-in."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from skimage.filters import window
+from skimage.metrics import structural_similarity
+from skimage.registration import phase_cross_correlation
+
+from stages import magnify
+from stages.common import PipelineError
+from stages.magnifier import (
+    Magnifier,
+    _procedural,
+    flow_field,
+    make_example,
+    render,
+    save_weights,
+    to_tensor,
+    to_uint8,
+    train_magnifier,
+)
+from tests.conftest import REPO
+
+TINY = {"steps": 3, "batch": 1, "patch": 32}
+
+
+def tiny_params(**update) -> dict:
+    p = yaml.safe_load((REPO / "params.yaml").read_text())["magnifier"]
+    return {**p, **TINY, **update}
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory):
+    path = tmp_path_factory.mktemp("weights") / "magnifier.pt"
+    save_weights(train_magnifier(tiny_params(), log=False), path)
+    return path
+
+
+def shift(reference: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """(dx, dy) of `image` relative to `reference` (grey float), Hann-windowed phase correlation."""
+    hann = window("hann", reference.shape)
+    a, b = reference - reference.mean(), image - image.mean()
+    found, _, _ = phase_cross_correlation(a * hann, b * hann, upsample_factor=100)
+    return -found[::-1]
+
+
+def test_shapes_and_parameter_count():
+    model = Magnifier()
+    x = torch.zeros(2, 3, 64, 48)
+    texture, shape = model.encoder(x)
+    assert texture.shape == (2, 32, 16, 12) and shape.shape == (2, 32, 32, 24)
+    assert model(x, x, torch.tensor([3.0, 2.0])).shape == x.shape
+    n = sum(p.numel() for p in model.parameters())
+    assert 850_000 <= n <= 950_000  # 888,995; the official model ~0.93M (README)
+
+
+def test_alpha_one_is_exactly_the_reconstruction():
+    # h has no bias, so (α − 1)·g(·) = 0 gives h(0) = 0 and the shape passes unchanged.
+    torch.manual_seed(0)
+    model = Magnifier()
+    torch.nn.init.normal_(model.decoder.out[-1].weight, std=0.05)  # not the zero (identity) start
+    onset, apex = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(model(onset, apex, torch.tensor([1.0])), model.reconstruct(apex))
+        assert not torch.equal(model(onset, apex, torch.tensor([3.0])), model.reconstruct(apex))
+
+
+def test_untrained_and_briefly_trained_net_keep_the_input_at_alpha_one(tiny_weights):
+    model = Magnifier()
+    model.load_state_dict(torch.load(tiny_weights, weights_only=True))
+    rng = np.random.default_rng(5)
+    scene = _procedural(rng, 128)
+    apex = np.clip(np.rint(render(scene, flow_field(rng, 64, 0.5, "global"), 1.0)), 0, 255).astype(np.uint8)
+    with torch.no_grad():
+        out = to_uint8(model.reconstruct(to_tensor(apex[None])))[0]
+    assert structural_similarity(out, apex, channel_axis=2, data_range=255) >= 0.97
+
+
+def test_training_is_deterministic(tiny_weights, tmp_path):
+    again = tmp_path / "again.pt"
+    save_weights(train_magnifier(tiny_params(), log=False), again)
+    assert again.read_bytes() == tiny_weights.read_bytes()
+
+
+@pytest.mark.parametrize(("dx", "dy"), [(0.75, -0.5), (0.1, 0.2), (2.0, 1.0)])
+def test_rendered_global_motion_is_the_stated_one(dx, dy):
+    scene = _procedural(np.random.default_rng(1), 256)
+    flow = np.broadcast_to(np.float32([dx, dy]), (128, 128, 2)).copy()
+    onset, moved, triple = (render(scene, flow, t).mean(axis=2) for t in (0.0, 1.0, 3.0))
+    np.testing.assert_allclose(shift(onset, moved), [dx, dy], atol=0.03)
+    np.testing.assert_allclose(shift(onset, triple), [3 * dx, 3 * dy], atol=0.06)
+
+
+def test_example_target_is_alpha_times_the_apex_motion():
+    p = tiny_params(patch=64, noise_max=0.0, alpha_focus_p=1.0, procedural_p=1.0)
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        onset, apex, target, alpha = make_example(rng, p, [])
+        assert onset.shape == apex.shape == target.shape == (64, 64, 3) and onset.dtype == np.uint8
+        assert 2.0 <= alpha <= 4.0
+        # Local or global, the target's motion is α× the apex's wherever something moves.
+        grey = [x.astype(np.float32).mean(axis=2) for x in (onset, apex, target)]
+        moved_apex, moved_target = np.abs(grey[1] - grey[0]).sum(), np.abs(grey[2] - grey[0]).sum()
+        assert moved_target >= moved_apex
+
+
+def test_missing_weights_is_one_line_naming_the_stage(tmp_path, monkeypatch):
+    monkeypatch.setattr(magnify, "LEARNED_WEIGHTS", tmp_path / "none.pt")
+    onset = np.zeros((16, 16, 3), np.uint8)
+    with pytest.raises(PipelineError, match=r"run `dvc repro train_magnifier`") as err:
+        magnify.magnify_pair(onset, onset, "learned", 3.0)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("shape", [(30, 34, 3), (32, 32, 3), (29, 31)])
+def test_learned_through_magnify_pair(tiny_weights, monkeypatch, shape):
+    monkeypatch.setattr(magnify, "LEARNED_WEIGHTS", tiny_weights)
+    rng = np.random.default_rng(0)
+    onset = rng.integers(0, 256, shape, dtype=np.uint8)
+    apex = np.roll(onset, 1, axis=1)
+    out = magnify.magnify_pair(onset, apex, "learned", 3.0)
+    assert out.shape == apex.shape and out.dtype == np.uint8
+    assert np.array_equal(magnify.magnify_pair(onset, apex, "learned", 1.0), apex)
+
+
+def test_regularised_training_runs():
+    # The paper's texture/shape regularisers (off by default, README) still train.
+    state = train_magnifier(tiny_params(steps=1, reg_weight=0.1), log=False)
+    assert all(torch.isfinite(v).all() for v in state.values())
