@@ -97,8 +97,8 @@ def frame_jobs(dataset: MicroExpressionDataset, samples: list[Sample]) -> list[F
     for s in samples:
         name = f"{s.subject}/{s.sample}"
         paths = []
+        present = dataset.frame_numbers(s)  # one directory listing per sample
         for which, number in (("onset", s.onset), ("apex", s.apex)):
-            present = dataset.frame_numbers(s)
             if number not in present:
                 span = f"{present[0]}–{present[-1]}" if present else "none"
                 raise PipelineError(f"{name}: {which} frame {number} is not among the frames present "
