@@ -19,8 +19,14 @@ Frames:
 - CASME II (and the synthetic set, generated in its format): `root/subNN/<Filename>/img<N>.jpg`,
   or the official cropped `reg_img<N>.jpg`; either is accepted, per folder.
 - SAMM: `root/<subject>/<Filename>/<subject>_<N:05d>.jpg`, e.g. `006/006_1_2/006_05562.jpg`.
+- SMIC-HS (no spreadsheet: the folders are the labels): `root/s<N>/micro/<emotion>/<clip>/reg_image<N>.bmp`
+  (`SMIC_all_cropped/HS`) or `image<N>.bmp` (`SMIC_all_raw/HS`); see `Smic`.
 
 N is the absolute frame number the spreadsheet uses.
+
+MEGC2019 composite (`Megc2019`): CASME II + SAMM + SMIC-HS, 3 classes, the samples and classes of
+MEGC2019's `combined_3class_gt.csv` (not the paper's maps: 442 samples, 250 / 109 / 83), onset and
+apex from each dataset's own sheet.
 """
 
 from __future__ import annotations
@@ -29,8 +35,8 @@ import logging
 import math
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -43,6 +49,9 @@ log = logging.getLogger(__name__)
 LABEL_SUFFIXES = (".xlsx", ".xls", ".csv")
 LABEL_DEFECT_POLICIES = ("repair", "drop")
 HEADER_SEARCH_ROWS = 40  # the header row must be among the first rows of the sheet
+
+# (normalised subject, sample, emotion as written) -> class name, or None to leave the row out
+Selector = Callable[[str, str, str], str | None]
 
 
 @dataclass(frozen=True)
@@ -115,6 +124,7 @@ class MicroExpressionDataset(ABC):
     fixes: ClassVar[tuple[LabelFix, ...]] = ()
     subject_digits: ClassVar[int] = 2
     subject_folder_prefix: ClassVar[str] = ""  # "sub" for CASME II: root/sub01
+    subject_example: ClassVar[str] = "sub01, 01 or 1"  # accepted spellings, for messages
     frame_help: ClassVar[str] = ""
 
     def __init__(
@@ -149,6 +159,7 @@ class MicroExpressionDataset(ABC):
         self.label_defects = label_defects
         self.labels = self._resolve_labels(labels)
         self.fixes_applied: list[str] = []
+        self.dropped: set[tuple[str, str]] = set()  # (subject, sample) dropped by label_defects=drop
 
     # ---- labels -------------------------------------------------------------------------
 
@@ -232,8 +243,14 @@ class MicroExpressionDataset(ABC):
 
     def subject_folder(self, subject: str) -> str:
         """Folder name of a normalised subject id ("casme2_sub01" -> "sub01", "samm_006" -> "006")."""
-        number = int(subject.rsplit("_", 1)[1].removeprefix("sub"))
-        return f"{self.subject_folder_prefix}{number:0{self.subject_digits}d}"
+        return f"{self.subject_folder_prefix}{self.subject_number(subject):0{self.subject_digits}d}"
+
+    def subject_number(self, subject: str) -> int:
+        return int(subject.rsplit("_", 1)[1].removeprefix(self.subject_folder_prefix))
+
+    def sample_name(self, name: str) -> str:
+        """A sample name as another label file spells it (MEGC2019's csv) -> this dataset's Filename."""
+        return name
 
     def _fix_table(self) -> dict[tuple[str, str], list[LabelFix]]:
         table: dict[tuple[str, str], list[LabelFix]] = {}
@@ -242,20 +259,26 @@ class MicroExpressionDataset(ABC):
         return table
 
     def samples(self) -> list[Sample]:
-        """Read the spreadsheet, apply the fix table, map emotions to classes, validate; sorted."""
+        """This dataset's protocol: emotions mapped by `class_map` (others left out); sorted."""
+        return self.select(lambda subject, sample, emotion: self.class_map.get(emotion.lower()))
+
+    def select(self, choose: Selector) -> list[Sample]:
+        """Read the spreadsheet, keep the rows `choose` gives a class, apply the fix table, validate;
+        sorted. `label` indexes `self.classes`."""
         self.fixes_applied = []
+        self.dropped = set()
         table = self._read_table()
         fixes = self._fix_table()
         out: list[Sample] = []
         seen: set[tuple[str, str]] = set()
         for row in table.itertuples(index=False):
-            cls = self.class_map.get(row.emotion.lower())
-            if cls is None:
-                continue  # emotion outside this protocol (others, sadness, fear, ...)
             try:
                 subject = normalise_subject(self.name, row.subject)
             except PipelineError as err:
                 raise PipelineError(f"{self.labels}, sample {row.sample}: {err}") from err
+            cls = choose(subject, row.sample, row.emotion)
+            if cls is None:
+                continue  # outside this protocol (others, sadness, fear, ...)
             key = (subject, row.sample)
             where = f"{self.name} {self.subject_folder(subject)}/{row.sample}"
             if key in seen:
@@ -279,6 +302,7 @@ class MicroExpressionDataset(ABC):
                 log.warning("label fix: %s", message)
                 self.fixes_applied.append(message)
             if dropped:
+                self.dropped.add(key)
                 continue
             frames = self._validate(where, values)
             out.append(
@@ -489,6 +513,7 @@ class Samm(MicroExpressionDataset):
     )
     subject_digits = 3
     subject_folder_prefix = ""
+    subject_example = "006 or 6"
     frame_help = "root/<subject>/<Filename>/<subject>_<N:05d>.jpg, e.g. 006/006_1_2/006_05562.jpg"
 
     def frame_names(self, sample: Sample, frame: int) -> list[str]:
@@ -509,7 +534,217 @@ class Synthetic(Casme2):
     fixes = ()
 
 
-DATASETS: dict[str, type[MicroExpressionDataset]] = {cls.name: cls for cls in (Casme2, Samm, Synthetic)}
+def middle_apex(frames: Sequence[int]) -> int:
+    """The present frame nearest the clip's middle in time, (first + last) / 2; the earlier on a tie."""
+    middle = (frames[0] + frames[-1]) / 2
+    return min(frames, key=lambda n: (abs(n - middle), n))
+
+
+# How the apex of a clip without an apex annotation (SMIC) is chosen, from its sorted frame numbers.
+# `middle` is what most MEGC2019 peers use; a spotted apex would be another entry here.
+APEX_POLICIES: dict[str, Callable[[Sequence[int]], int]] = {"middle": middle_apex}
+
+_SMIC_SUBJECT = re.compile(r"^s(\d+)$")
+_SMIC_FRAME = re.compile(r"^(?:reg_)?image(\d+)\.bmp$", re.IGNORECASE)
+
+
+class Smic(MicroExpressionDataset):
+    """SMIC-HS: no spreadsheet, the folders are the labels.
+
+    `root/s<N>/micro/{negative,positive,surprise}/s<N>_{ne,po,sur}_<NN>/reg_image<frame>.bmp` (root =
+    `SMIC_all_cropped/HS`) or `image<frame>.bmp` (root = `SMIC_all_raw/HS`, 640×480); subject
+    folders not zero padded, `non_micro/` ignored, frame numbers the camera's absolute counter.
+    Onset = first frame present, offset = last, apex by `apex_policy` (SMIC has no apex
+    annotation). Some clips miss frames: a gap is logged and the frames present are used, so the
+    three frames always exist.
+    """
+
+    name = "smic"
+    title = "SMIC-HS"
+    class_maps: ClassVar[dict[int, dict[str, str]]] = {
+        3: {"negative": "negative", "positive": "positive", "surprise": "surprise"},
+    }
+    subject_digits = 2  # in the id only ("smic_s01", as MEGC2019 writes it); folders are s1 ... s20
+    subject_folder_prefix = "s"
+    subject_example = "s01, s1 or 1"
+    frame_help = "root/s<N>/micro/<emotion>/s<N>_<ne|po|sur>_<NN>/reg_image<frame>.bmp or image<frame>.bmp"
+
+    def __init__(self, root: Path | str, labels: Path | str | None = None, classes: int = 3,
+                 label_defects: str = "repair", apex_policy: str = "middle") -> None:
+        if apex_policy not in APEX_POLICIES:
+            raise PipelineError(f"data.apex_policy is {apex_policy!r}: use one of {', '.join(APEX_POLICIES)}")
+        self.apex_policy = apex_policy
+        super().__init__(root, labels, classes, label_defects)
+
+    def _resolve_labels(self, labels: Path | str | None) -> Path:
+        if labels is not None and str(labels).strip():
+            raise PipelineError(f'data.labels is {str(labels)!r}: {self.title} has no label spreadsheet, '
+                                'its emotion folders are the labels; set data.labels to ""')
+        return self.root  # where the labels come from, for messages
+
+    def subject_folder(self, subject: str) -> str:
+        return f"s{self.subject_number(subject)}"
+
+    def sample_name(self, name: str) -> str:
+        # MEGC2019 pads the subject in clip names, the folders do not: s01_ne_01 -> s1_ne_01
+        return re.sub(r"^s0*(\d+)_", r"s\1_", name)
+
+    def select(self, choose: Selector) -> list[Sample]:
+        """Walk the micro/ folders, keep the clips `choose` gives a class; sorted."""
+        out: list[Sample] = []
+        for subject_dir in sorted(self.root.iterdir()):
+            match = _SMIC_SUBJECT.match(subject_dir.name)
+            if not match or not (subject_dir / "micro").is_dir():
+                continue  # s07, s10, s16, s17 have no micro clips
+            subject = normalise_subject(self.name, match.group(1))
+            for clip in sorted((subject_dir / "micro").glob("*/*")):
+                emotion = clip.parent.name
+                cls = choose(subject, clip.name, emotion) if clip.is_dir() else None
+                if cls is None:
+                    continue
+                sample = Sample(subject, clip.name, clip, 0, 0, 0, emotion, self.classes.index(cls))
+                frames = self.frame_numbers(sample)
+                if len(frames) != frames[-1] - frames[0] + 1:
+                    log.warning("%s %s/%s: %d frame(s) missing between %d and %d; apex chosen among "
+                                "the frames present", self.name, subject_dir.name, clip.name,
+                                frames[-1] - frames[0] + 1 - len(frames), frames[0], frames[-1])
+                apex = APEX_POLICIES[self.apex_policy](frames)
+                out.append(replace(sample, onset=frames[0], apex=apex, offset=frames[-1]))
+        if not out and not any(_SMIC_SUBJECT.match(p.name) for p in self.root.iterdir()):
+            raise PipelineError(f"no SMIC subject folders (s1, s2, ...) in data.root {self.root}: set "
+                                f"data.root to the HS folder (e.g. SMIC_all_cropped/HS; {self.frame_help})")
+        return sorted(out, key=lambda s: (s.subject, s.sample))
+
+    def frame_names(self, sample: Sample, frame: int) -> list[str]:
+        # the counter may be zero padded: take the name present, else the unpadded spellings
+        present = [p.name for p in sample.folder.iterdir() if self.frame_number(sample, p.name) == frame]
+        return present or [f"reg_image{frame}.bmp", f"image{frame}.bmp"]
+
+    def frame_number(self, sample: Sample, filename: str) -> int | None:
+        match = _SMIC_FRAME.match(filename)
+        return int(match.group(1)) if match else None
+
+
+DATASETS: dict[str, type[MicroExpressionDataset]] = {
+    cls.name: cls for cls in (Casme2, Samm, Smic, Synthetic)
+}
+
+
+MEGC2019_MEMBERS = ("casme2", "samm", "smic")
+MEGC2019_CLASSES = ("negative", "positive", "surprise")  # combined_3class_gt.csv classes 0, 1, 2
+
+
+class Megc2019(MicroExpressionDataset):
+    """The MEGC2019 composite: the samples and 3 classes of `combined_3class_gt.csv` (no header:
+    database, subject, filename, class), frames and onset / apex from each member dataset.
+
+    Subjects keep their member prefix (`casme2_sub01`, `samm_006`, `smic_s01`), so LOSO folds and
+    per-dataset scores follow from the subject id. `members` may leave datasets out (their rows are
+    skipped); a member it names must have its root.
+    """
+
+    name = "megc2019"
+    title = "MEGC2019 composite"
+    class_maps: ClassVar[dict[int, dict[str, str]]] = {3: {c: c for c in MEGC2019_CLASSES}}
+
+    def __init__(self, roots: Mapping[str, Path | str], labels: Path | str | None,
+                 sheets: Mapping[str, Path | str | None] | None = None,
+                 members: Sequence[str] = MEGC2019_MEMBERS, classes: int = 3, label_defects: str = "repair",
+                 apex_policy: str = "middle") -> None:
+        if classes != 3:
+            raise PipelineError(f"data.classes is {classes!r}: megc2019 is a 3-class protocol; "
+                                "set data.classes=3")
+        chosen = list(members)
+        if not chosen or len(set(chosen)) != len(chosen) or not set(chosen) <= set(MEGC2019_MEMBERS):
+            raise PipelineError(f"data.members is {chosen!r}: a non-empty list of distinct names out of "
+                                f"{', '.join(MEGC2019_MEMBERS)}")
+        if labels is None or not str(labels).strip() or not Path(labels).is_file():
+            raise PipelineError(f"data.labels {str(labels or '')!r} is not a file: set data.labels to "
+                                "MEGC2019's combined_3class_gt.csv")
+        self.labels = Path(labels)
+        self.root = self.labels.parent
+        self.n_classes, self.label_defects = 3, label_defects
+        self.class_map = self.class_maps[3]
+        self.classes = list(MEGC2019_CLASSES)
+        self.fixes_applied, self.dropped = [], set()
+        self.members: dict[str, MicroExpressionDataset] = {}
+        for name in chosen:
+            root = roots.get(name)
+            if root is None or not Path(root).is_dir():
+                raise PipelineError(f"data.roots.{name}: {root} does not exist (megc2019 reads "
+                                    f"{', '.join(chosen)}): put the dataset there, set data.roots.{name}, "
+                                    f"or leave {name} out of data.members")
+            sheet = (sheets or {}).get(name)
+            try:
+                self.members[name] = (Smic(root, None, 3, label_defects, apex_policy) if name == Smic.name
+                                      else DATASETS[name](root, sheet, 3, label_defects))
+            except PipelineError as err:
+                raise PipelineError(f"megc2019 member {name} (data.roots.{name}, data.sheets.{name}): "
+                                    f"{err}") from err
+
+    def _wanted(self) -> dict[str, dict[tuple[str, str], str]]:
+        """member -> {(subject, Filename): class} from the csv, members left out skipped."""
+        try:
+            table = pd.read_csv(self.labels, header=None, dtype=str, keep_default_na=False)
+        except Exception as err:  # not a csv, empty, ...
+            raise PipelineError(f"{self.labels} is not MEGC2019's combined_3class_gt.csv "
+                                f"({type(err).__name__}): set data.labels to that file") from err
+        wanted: dict[str, dict[tuple[str, str], str]] = {name: {} for name in self.members}
+        for row in table.itertuples(index=False):
+            cells = [c.strip() for c in row]
+            if len(cells) != 4 or cells[0].lower() not in MEGC2019_MEMBERS or cells[3] not in ("0", "1", "2"):
+                raise PipelineError(f"{self.labels} is not MEGC2019's combined_3class_gt.csv (row "
+                                    f"{','.join(cells)}; expected database,subject,filename,class 0-2, "
+                                    "no header): set data.labels")
+            database, subject, filename, label = cells[0].lower(), *cells[1:]
+            if database in self.members:
+                key = (normalise_subject(database, subject), self.members[database].sample_name(filename))
+                wanted[database][key] = MEGC2019_CLASSES[int(label)]
+        return wanted
+
+    def samples(self) -> list[Sample]:
+        """The csv's samples and classes; every row of a chosen member must be found in it."""
+        wanted = self._wanted()
+        out = self.select(lambda subject, sample, _: wanted[subject.split("_", 1)[0]].get((subject, sample)))
+        for name, member in self.members.items():
+            missing = sorted(set(wanted[name]) - {(s.subject, s.sample) for s in out} - member.dropped)
+            if missing:
+                listed = ", ".join(f"{subject}/{sample}" for subject, sample in missing[:5])
+                more = ", ..." if len(missing) > 5 else ""
+                raise PipelineError(f"{len(missing)} {name} sample(s) of {self.labels} not in "
+                                    f"{member.labels} ({listed}{more}): check data.roots.{name} and "
+                                    f"data.sheets.{name}")
+        return out
+
+    def select(self, choose: Selector) -> list[Sample]:
+        """Every member's `select(choose)`, labels as indices into this composite's classes; sorted."""
+        self.fixes_applied, self.dropped = [], set()
+        out = []
+        for member in self.members.values():
+            out += [replace(s, label=self.classes.index(member.classes[s.label]))
+                    for s in member.select(choose)]
+            self.fixes_applied += member.fixes_applied
+            self.dropped |= member.dropped
+        return sorted(out, key=lambda s: (s.subject, s.sample))
+
+    def member(self, sample: Sample) -> MicroExpressionDataset:
+        return self.members[sample.subject.split("_", 1)[0]]
+
+    def frame_path(self, sample: Sample, frame: int) -> Path:
+        return self.member(sample).frame_path(sample, frame)
+
+    def frame_numbers(self, sample: Sample) -> list[int]:
+        return self.member(sample).frame_numbers(sample)
+
+    def frame_names(self, sample: Sample, frame: int) -> list[str]:
+        return self.member(sample).frame_names(sample, frame)
+
+    def frame_number(self, sample: Sample, filename: str) -> int | None:
+        return self.member(sample).frame_number(sample, filename)
+
+    def __repr__(self) -> str:
+        roots = {name: str(member.root) for name, member in self.members.items()}
+        return f"Megc2019(roots={roots!r}, labels={str(self.labels)!r})"
 
 
 def normalise_subject(dataset_name: str, raw: Any) -> str:
@@ -521,11 +756,11 @@ def normalise_subject(dataset_name: str, raw: Any) -> str:
     if isinstance(raw, float) and raw.is_integer():
         text = str(int(raw))
     text = text.lower().removeprefix(f"{dataset_name}_")
-    match = re.fullmatch(r"(?:sub)?\s*(\d+)(?:\.0+)?", text)
+    match = re.fullmatch(r"(?:sub|s)?\s*(\d+)(?:\.0+)?", text)
     if not match:
         raise PipelineError(
-            f"subject {raw!r} is not a {cls.title} subject id (expected e.g. "
-            f"{'sub01, 01 or 1' if cls.subject_digits == 2 else '006 or 6'}): fix the Subject column"
+            f"subject {raw!r} is not a {cls.title} subject id (expected e.g. {cls.subject_example}): "
+            "fix the Subject column"
         )
     number = int(match.group(1))
     return f"{dataset_name}_{cls.subject_folder_prefix}{number:0{cls.subject_digits}d}"
@@ -541,8 +776,25 @@ def get_dataset(
     """The dataset `name` (params `data.dataset`) on `root` with its label spreadsheet."""
     cls = DATASETS.get(str(name).strip().lower())
     if cls is None:
-        raise PipelineError(f"unknown data.dataset {name!r}: choose one of {', '.join(sorted(DATASETS))}")
+        names = sorted([*DATASETS, Megc2019.name])
+        raise PipelineError(f"unknown data.dataset {name!r}: choose one of {', '.join(names)}")
     return cls(root, labels=labels, classes=classes, label_defects=label_defects)
+
+
+def dataset_from_params(data: Mapping[str, Any]) -> MicroExpressionDataset:
+    """The dataset of params.yaml's `data` section (README, "Your own dataset")."""
+    name = str(data["dataset"]).strip().lower()
+    if name == Megc2019.name:
+        # Member roots are relative to data.root, the one folder DVC tracks for the `frames` stage.
+        base = Path(data["root"])
+        return Megc2019({m: base / str(p) for m, p in data["roots"].items() if str(p or "").strip()},
+                        data["labels"] or None,
+                        {m: p for m, p in (data.get("sheets") or {}).items() if str(p or "").strip()},
+                        data["members"], data["classes"], data["label_defects"], data["apex_policy"])
+    if name == Smic.name:
+        return Smic(data["root"], data["labels"] or None, data["classes"], data["label_defects"],
+                    data["apex_policy"])
+    return get_dataset(name, data["root"], data["labels"] or None, data["classes"], data["label_defects"])
 
 
 def fix_table_markdown() -> str:

@@ -15,12 +15,16 @@ from stages.datasets import (
     DATASETS,
     FIXES_MARKDOWN,
     Casme2,
+    Megc2019,
     MicroExpressionDataset,
     Samm,
     Sample,
+    Smic,
     Synthetic,
+    dataset_from_params,
     fix_table_markdown,
     get_dataset,
+    middle_apex,
     normalise_subject,
 )
 
@@ -264,13 +268,18 @@ def test_normalise_subject_samm(raw: object) -> None:
     assert normalise_subject("samm", raw) == "samm_006"
 
 
+@pytest.mark.parametrize("raw", ["s01", "s1", "1", 1, "S01", "smic_s01"])
+def test_normalise_subject_smic(raw: object) -> None:
+    assert normalise_subject("smic", raw) == "smic_s01"
+
+
 def test_normalise_subject_synthetic_and_errors() -> None:
     assert normalise_subject("synthetic", "03") == "synthetic_sub03"
     assert normalise_subject("casme2", "sub26") == "casme2_sub26"
     with pytest.raises(PipelineError, match="not a CASME II subject id"):
         normalise_subject("casme2", "subject nine")
-    with pytest.raises(PipelineError, match="unknown dataset 'smic'"):
-        normalise_subject("smic", "01")
+    with pytest.raises(PipelineError, match="unknown dataset 'casme3'"):
+        normalise_subject("casme3", "01")
 
 
 # ---- frames --------------------------------------------------------------------------------
@@ -436,10 +445,10 @@ def test_missing_root(tmp_path: Path) -> None:
 
 def test_unknown_dataset(tmp_path: Path) -> None:
     with pytest.raises(PipelineError) as err:
-        get_dataset("smic", tmp_path)
+        get_dataset("casme3", tmp_path)
     message = str(err.value)
-    assert "'smic'" in message and "casme2, samm, synthetic" in message
-    assert set(DATASETS) == {"casme2", "samm", "synthetic"}
+    assert "'casme3'" in message and "casme2, megc2019, samm, smic, synthetic" in message
+    assert set(DATASETS) == {"casme2", "samm", "smic", "synthetic"}
 
 
 def test_labels_file_missing(tmp_path: Path) -> None:
@@ -510,3 +519,178 @@ def test_fix_table_markdown() -> None:
         assert sample in text
     assert "apex / -> 291" in text and "2014 coding file" in text
     assert all(fix.reason and fix.defect for fix in Casme2.fixes + Samm.fixes)
+
+
+# ---- SMIC-HS, generated tree ---------------------------------------------------------------
+
+# SMIC-HS micro clips per subject folder: (negative, positive, surprise); s7, s10, s16, s17 have none.
+SMIC_HS = {
+    1: (3, 2, 1), 2: (0, 1, 5), 3: (22, 11, 6), 4: (10, 4, 5), 5: (1, 0, 1), 6: (2, 0, 2), 8: (9, 4, 0),
+    9: (0, 1, 3), 11: (3, 3, 1), 12: (0, 8, 1), 13: (0, 10, 0), 14: (3, 2, 5), 15: (1, 1, 2),
+    18: (2, 0, 5), 19: (0, 1, 1), 20: (14, 3, 5),
+}
+SMIC_EMOTIONS = (("negative", "ne"), ("positive", "po"), ("surprise", "sur"))
+
+
+def _smic_tree(root: Path, frames: int = 5) -> Path:
+    """SMIC_all_cropped/HS as distributed: empty reg_image<N>.bmp files, 6-digit camera counter,
+    plus non_micro/ clips and subjects without micro clips (both to be ignored)."""
+    counter = 100_000
+    for number in range(1, 21):
+        subject = root / f"s{number}"
+        _touch(subject / "non_micro" / "negative" / f"s{number}_ne_01", "reg_image1.bmp")
+        for (emotion, short), clips in zip(SMIC_EMOTIONS, SMIC_HS.get(number, (0, 0, 0))):
+            for clip in range(1, clips + 1):
+                names = [f"reg_image{counter + i}.bmp" for i in range(frames)]
+                _touch(subject / "micro" / emotion / f"s{number}_{short}_{clip:02d}", *names)
+                counter += 1000
+    return root
+
+
+def test_smic_counts(tmp_path: Path) -> None:
+    ds = get_dataset("smic", _smic_tree(tmp_path))
+    samples = ds.samples()
+    assert ds.classes == ["negative", "positive", "surprise"]
+    assert len(samples) == 164
+    assert _class_counts(ds, samples) == {"negative": 70, "positive": 51, "surprise": 43}
+    assert _subject_counts(samples) == {f"smic_s{n:02d}": sum(c) for n, c in SMIC_HS.items()}
+    assert len(_subject_counts(samples)) == 16
+    per_class = Counter((s.subject, ds.classes[s.label]) for s in samples)
+    for n, counts in SMIC_HS.items():
+        for (emotion, _), count in zip(SMIC_EMOTIONS, counts):
+            assert per_class[f"smic_s{n:02d}", emotion] == count
+    first = samples[0]
+    assert (first.subject, first.sample, first.emotion) == ("smic_s01", "s1_ne_01", "negative")
+    assert first.folder == tmp_path / "s1" / "micro" / "negative" / "s1_ne_01"
+    # onset = first frame, offset = last, apex = middle (default policy)
+    assert (first.onset, first.apex, first.offset) == (100_000, 100_002, 100_004)
+    assert ds.frame_path(first, 100_002) == first.folder / "reg_image100002.bmp"
+    assert all(s.offset - s.onset == 4 and s.apex == s.onset + 2 for s in samples)
+
+
+def test_smic_gaps_padding_and_raw_names(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    clip = tmp_path / "s3" / "micro" / "surprise" / "s3_sur_01"
+    # numeric order across a digit change; frames 1000000 and 1000002-1000004 missing
+    _touch(clip, "reg_image999998.bmp", "reg_image999999.bmp", "reg_image1000001.bmp", "reg_image1000005.bmp")
+    raw = tmp_path / "s3" / "micro" / "positive" / "s3_po_01"
+    _touch(raw, "image0123456.bmp", "image0123457.bmp", "image0123458.bmp", "Thumbs.db")
+    with caplog.at_level(logging.WARNING, logger="stages.datasets"):
+        gap, padded = sorted(Smic(tmp_path).samples(), key=lambda s: s.sample, reverse=True)
+    assert (gap.onset, gap.apex, gap.offset) == (999_998, 1_000_001, 1_000_005)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any("4 frame(s) missing" in w and "s3_sur_01" in w for w in warnings)
+    assert (padded.onset, padded.apex, padded.offset) == (123_456, 123_457, 123_458)
+    assert Smic(tmp_path).frame_path(padded, 123_457) == raw / "image0123457.bmp"
+    with pytest.raises(PipelineError, match=r"frame 1000000 is missing \(tried .*reg_image1000000\.bmp"):
+        Smic(tmp_path).frame_path(gap, 1_000_000)
+
+
+def test_smic_middle_apex() -> None:
+    assert middle_apex([10, 11, 12, 13, 14]) == 12
+    assert middle_apex([10, 11, 12, 13]) == 11  # tie: the earlier
+    assert middle_apex([10, 14, 20]) == 14  # 15 is missing: the nearest present
+    assert middle_apex([7]) == 7
+
+
+def test_smic_errors(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match="no SMIC subject folders .* set data.root to the HS folder"):
+        Smic(tmp_path).samples()
+    with pytest.raises(PipelineError, match='no label spreadsheet, its emotion folders are the labels'):
+        Smic(tmp_path, labels=tmp_path / "x.csv")
+    with pytest.raises(PipelineError, match="data.apex_policy is 'peak': use one of middle"):
+        Smic(tmp_path, apex_policy="peak")
+    with pytest.raises(PipelineError, match="data.classes is 4: smic supports 3"):
+        Smic(tmp_path, classes=4)
+
+
+# ---- MEGC2019 composite, real csv + sheets, generated SMIC tree ----------------------------
+
+
+def _megc_data(tmp_path: Path, casme2_labels: Path, samm_labels: Path, megc_labels: Path) -> dict:
+    """The params `data` section of a composite run: the three roots under one data.root."""
+    for name in ("CASME2", "SAMM"):
+        (tmp_path / name).mkdir()
+    _smic_tree(tmp_path / "SMIC_all_cropped" / "HS")
+    return {
+        "dataset": "megc2019", "root": str(tmp_path), "labels": str(megc_labels), "classes": 3,
+        "label_defects": "repair", "apex_policy": "middle",
+        "roots": {"casme2": "CASME2", "samm": "SAMM", "smic": "SMIC_all_cropped/HS"},
+        "sheets": {"casme2": str(casme2_labels), "samm": str(samm_labels)},
+        "members": ["casme2", "samm", "smic"],
+    }
+
+
+def test_megc2019_counts(tmp_path: Path, casme2_labels: Path, samm_labels: Path, megc_labels: Path) -> None:
+    ds = dataset_from_params(_megc_data(tmp_path, casme2_labels, samm_labels, megc_labels))
+    assert isinstance(ds, Megc2019)
+    samples = ds.samples()
+    assert ds.classes == ["negative", "positive", "surprise"]
+    assert len(samples) == 442
+    assert len({s.subject for s in samples}) == 68
+    assert _class_counts(ds, samples) == {"negative": 250, "positive": 109, "surprise": 83}
+    by_dataset = Counter(s.subject.split("_")[0] for s in samples)
+    assert by_dataset == {"casme2": 145, "samm": 133, "smic": 164}
+    assert Counter(s.subject.split("_")[0] for s in {s.subject: s for s in samples}.values()) == {
+        "casme2": 24, "samm": 28, "smic": 16}
+
+    # per subject and per class: the csv, read independently
+    megc = pd.read_csv(megc_labels, header=None, names=["dataset", "subject", "filename", "label"], dtype=str)
+    prefix = {"casme2": "casme2_", "samm": "samm_", "smic": "smic_"}
+    megc["id"] = [f"{prefix[d]}{s}" if d != "samm" else f"samm_{int(s):03d}"
+                  for d, s in zip(megc["dataset"], megc["subject"])]
+    classes = {"0": "negative", "1": "positive", "2": "surprise"}
+    expected = Counter(zip(megc["id"], megc["label"].map(classes)))
+    assert Counter((s.subject, ds.classes[s.label]) for s in samples) == expected
+
+    # onset / apex from each dataset's own sheet; SMIC by the apex policy; fixes carried over
+    by_name = {(s.subject, s.sample): s for s in samples}
+    casme2 = {(s.subject, s.sample): s for s in Casme2(tmp_path / "CASME2", labels=casme2_labels).samples()}
+    assert by_name["casme2_sub01", "EP02_01f"] == casme2["casme2_sub01", "EP02_01f"]
+    fear = by_name["samm_006", "006_5_10"]  # Fear: negative in MEGC2019, not in the paper's map
+    assert (fear.emotion, ds.classes[fear.label]) == ("Fear", "negative")
+    assert (by_name["samm_028", "028_4_1"].apex, by_name["samm_028", "028_4_1"].offset) == (1134, 1134)
+    smic = by_name["smic_s01", "s1_ne_01"]
+    assert (smic.onset, smic.apex, smic.offset) == (100_000, 100_002, 100_004)
+    assert ds.frame_path(smic, 100_002) == smic.folder / "reg_image100002.bmp"
+    # the two defective CASME II rows are not MEGC2019 samples: only SAMM's three fixes apply
+    assert len(ds.fixes_applied) == 3 and all(f.startswith("samm ") for f in ds.fixes_applied)
+    _touch(tmp_path / "CASME2" / "sub01" / "EP02_01f", "reg_img46.jpg")
+    assert ds.frame_numbers(by_name["casme2_sub01", "EP02_01f"]) == [46]
+
+
+def test_megc2019_subset_and_missing_root(
+    tmp_path: Path, casme2_labels: Path, samm_labels: Path, megc_labels: Path
+) -> None:
+    data = _megc_data(tmp_path, casme2_labels, samm_labels, megc_labels)
+    data["roots"]["smic"] = "SMIC"  # absent
+    with pytest.raises(PipelineError) as err:
+        dataset_from_params(data)
+    message = str(err.value)
+    assert message.startswith(f"data.roots.smic: {tmp_path / 'SMIC'} does not exist")
+    assert "leave smic out of data.members" in message and "\n" not in message
+    samples = dataset_from_params(data | {"members": ["casme2", "samm"]}).samples()
+    assert len(samples) == 145 + 133
+    data["members"] = ["casme2", "casme2"]
+    with pytest.raises(PipelineError, match="data.members is"):
+        dataset_from_params(data)
+
+
+def test_megc2019_missing_clip_and_bad_csv(
+    tmp_path: Path, casme2_labels: Path, samm_labels: Path, megc_labels: Path
+) -> None:
+    data = _megc_data(tmp_path, casme2_labels, samm_labels, megc_labels)
+    clip = tmp_path / "SMIC_all_cropped" / "HS" / "s20" / "micro" / "surprise" / "s20_sur_05"
+    for path in clip.iterdir():
+        path.unlink()
+    clip.rmdir()
+    missing = r"1 smic sample\(s\) of .* \(smic_s20/s20_sur_05\): check data.roots.smic"
+    with pytest.raises(PipelineError, match=missing):
+        dataset_from_params(data).samples()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("casme2,sub01,EP02_01f,3\n")
+    with pytest.raises(PipelineError, match="is not MEGC2019's combined_3class_gt.csv"):
+        dataset_from_params(data | {"labels": str(bad)}).samples()
+    with pytest.raises(PipelineError, match="data.classes is 4: megc2019 is a 3-class protocol"):
+        dataset_from_params(data | {"classes": 4})
+    with pytest.raises(PipelineError, match="set data.labels to MEGC2019's combined_3class_gt.csv"):
+        dataset_from_params(data | {"labels": ""})
