@@ -73,6 +73,32 @@ def pooled_scores(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np
     return scores_from_confusion(confusion_matrix(y_true, y_pred, len(classes)), classes)
 
 
+def subject_datasets(subjects: Sequence[str] | np.ndarray) -> np.ndarray:
+    """The dataset of each subject id, its prefix ("casme2_sub01" -> "casme2", "smic_s01" -> "smic")."""
+    return np.array([str(s).split("_", 1)[0] for s in subjects])
+
+
+def per_dataset_scores(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray,
+                       subjects: Sequence[str] | np.ndarray,
+                       classes: Sequence[str]) -> dict[str, dict[str, float | int]]:
+    """{dataset: {uf1, uar, n}} as MEGC2019 reports a composite: each dataset's predictions pooled
+    over all its folds, scored like `pooled_scores` over ALL the classes (a class absent from a
+    dataset scores 0 there). {} when every subject comes from one dataset (nothing to split)."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    datasets = subject_datasets(subjects)
+    if len(datasets) != len(y_true):
+        raise ValueError(f"{len(datasets)} subjects for {len(y_true)} predictions")
+    names = np.unique(datasets)
+    if len(names) < 2:
+        return {}
+    out: dict[str, dict[str, float | int]] = {}
+    for name in names:
+        mask = datasets == name
+        scores = pooled_scores(y_true[mask], y_pred[mask], classes)
+        out[str(name)] = {"uf1": scores["uf1"], "uar": scores["uar"], "n": int(mask.sum())}
+    return out
+
+
 def fold_scores(y_true: Sequence[int] | np.ndarray,
                 y_pred: Sequence[int] | np.ndarray) -> tuple[float, float]:
     """(UF1, UAR) of one fold, macro over the classes in its true or predicted labels."""
