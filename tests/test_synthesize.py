@@ -124,7 +124,7 @@ def onset_apex_flow(root: Path, spec: syn.SampleSpec) -> tuple[np.ndarray, np.nd
     folder = root / f"sub{spec.subject:02d}" / spec.filename
     onset = cv2.imread(str(folder / f"img{spec.onset}.jpg"))
     apex = cv2.imread(str(folder / f"img{spec.apex}.jpg"))
-    box = face.detect_largest_face(onset, detect_width=640, upsample=0)
+    box, _ = face.find_face(onset, detect_width=640, upsample=0, detectors=["hog"])
     points = face.landmarks68(onset, box, face.default_predictor_path())
     grey = [cv2.cvtColor(i, cv2.COLOR_BGR2GRAY) for i in (onset, apex)]
     flow = cv2.calcOpticalFlowFarneback(*grey, None, 0.5, 3, 15, 5, 5, 1.1, 0)

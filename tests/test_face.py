@@ -1,0 +1,104 @@
+"""Face finding: the HOG -> HOG upsampled -> CNN fallback chain, on real faces (no dataset needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib import cbook
+from skimage import data
+
+from stages import face
+from stages.common import PipelineError
+from stages.datasets import Synthetic
+from stages.frames import extract_frames
+from stages.landmarks import fit_pair
+
+FRAMES_PARAMS = {"size": 224, "margin": 0.15, "detect_width": 320, "upsample": 1, "on_no_face": "fail"}
+
+
+def _tight_crop(image: np.ndarray, shrink: float, width: int) -> np.ndarray:
+    """A face-only frame, as SMIC's and CASME II's cropped sets are: the HOG box of `image` cut in
+    by `shrink` of its width (less at the chin), resized to `width`."""
+    (left, top, right, bottom), _ = face.find_face(image, image.shape[1], 1, detectors=["hog"])
+    cut = shrink * (right - left)
+    crop = image[int(top + cut):int(bottom - cut / 2), int(left + cut):int(right - cut)]
+    height = round(width * crop.shape[0] / crop.shape[1])
+    return cv2.resize(crop, (width, height), interpolation=cv2.INTER_AREA)
+
+
+@pytest.fixture(scope="module")
+def grace() -> np.ndarray:
+    """Grace Hopper's portrait (matplotlib sample data), RGB, 512×600."""
+    image = cv2.imread(str(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)))
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def test_chain_uses_the_cheapest_step_that_finds_the_face(grace: np.ndarray) -> None:
+    assert face.find_face(grace, 320, 1)[1] == "hog"
+    # measured, not assumed: a tight crop of the astronaut only HOG upsampled finds, one of Grace
+    # Hopper neither HOG step finds and the CNN does
+    astronaut = _tight_crop(data.astronaut(), 0.10, 180)
+    assert face.find_face(astronaut, 320, 1, detectors=["hog"]) is None
+    assert face.find_face(astronaut, 320, 1)[1] == "hog_upsampled"
+    tight = _tight_crop(grace, 0.15, 180)
+    assert face.find_face(tight, 320, 1, detectors=["hog", "hog_upsampled"]) is None
+    box, step = face.find_face(tight, 320, 1)
+    assert step == "cnn"
+    centre = np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2])
+    assert np.all(np.abs(centre - [90, tight.shape[0] / 2]) < 0.15 * tight.shape[0])  # on the face
+
+
+def _write_sample(root: Path, subject: str, name: str, frame: np.ndarray) -> None:
+    folder = root / f"sub{subject}" / name
+    folder.mkdir(parents=True)
+    for number in (1, 2):
+        cv2.imwrite(str(folder / f"img{number}.jpg"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+
+
+def test_frames_keeps_the_face_hog_misses(tmp_path: Path, grace: np.ndarray) -> None:
+    _write_sample(tmp_path, "01", "EP01", _tight_crop(grace, 0.15, 180))
+    _write_sample(tmp_path, "02", "EP02", grace)
+    pd.DataFrame([("01", "EP01", 1, 2, 2, "happiness"), ("02", "EP02", 1, 2, 2, "surprise")],
+                 columns=["Subject", "Filename", "OnsetFrame", "ApexFrame", "OffsetFrame",
+                          "Estimated Emotion"]).to_csv(tmp_path / "coding.csv", index=False)
+    dataset = Synthetic(tmp_path)
+    predictor = face.default_predictor_path()
+
+    with pytest.raises(PipelineError, match=r"no face found .* 1 sample\(s\): synthetic_sub01/EP01"):
+        extract_frames(dataset, FRAMES_PARAMS | {"detectors": ["hog", "hog_upsampled"]}, predictor, workers=1)
+
+    arrays, no_face = extract_frames(dataset, FRAMES_PARAMS | {"detectors": list(face.DETECTORS)}, predictor,
+                                     workers=1)
+    assert no_face == []
+    assert arrays["sample"].tolist() == ["EP01", "EP02"]
+    assert arrays["detector"].tolist() == ["cnn", "hog"]
+    assert arrays["onset"].shape == (2, 224, 224, 3)
+    # both aligned crops frame the face: the landmarks stage's re-detection finds it in each
+    for crop in arrays["onset"]:
+        assert face.find_face(crop, 224, 1) is not None
+
+
+def test_landmarks_fall_back_to_the_frames_box() -> None:
+    blank = np.full((224, 224, 3), 128, np.uint8)
+    box = np.array([40, 40, 184, 184], np.float32)
+    points, source = fit_pair((blank, blank, box), face.default_predictor_path())
+    assert source == "frames_box" and points.shape == (51, 4)
+
+
+@pytest.mark.parametrize("bad", [[], ["cnn", "hog"], ["hog", "hog"], ["hog", "mtcnn"], "hog", None])
+def test_check_detectors(bad: object) -> None:
+    assert face.check_detectors(["hog", "cnn"], "frames.detectors") == ("hog", "cnn")
+    with pytest.raises(PipelineError, match="frames.detectors is .*: a non-empty list out of hog, "
+                                            "hog_upsampled, cnn, in that order"):
+        face.check_detectors(bad, "frames.detectors")
+
+
+def test_detector_counts_and_cnn_path() -> None:
+    assert face.detector_counts(np.array(["hog", "cnn", "hog", "frames_box"])) == "hog 2, cnn 1, frames_box 1"
+    assert face.cnn_detector_path("").name == face.CNN_FILE
+    with pytest.raises(PipelineError, match="landmarks.cnn_detector"):
+        face.cnn_detector_path("models/none.dat")
