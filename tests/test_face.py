@@ -6,14 +6,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pandas as pd
 import pytest
 from matplotlib import cbook
 from skimage import data
 
 from stages import face
 from stages.common import PipelineError
-from stages.datasets import Synthetic
+from stages.datasets import Smic
 from stages.frames import extract_frames
 from stages.landmarks import fit_pair
 
@@ -52,29 +51,28 @@ def test_chain_uses_the_cheapest_step_that_finds_the_face(grace: np.ndarray) -> 
     assert np.all(np.abs(centre - [90, tight.shape[0] / 2]) < 0.15 * tight.shape[0])  # on the face
 
 
-def _write_sample(root: Path, subject: str, name: str, frame: np.ndarray) -> None:
-    folder = root / f"sub{subject}" / name
+def _write_clip(root: Path, subject: int, emotion: str, frame: np.ndarray, grey: bool) -> None:
+    """A SMIC-HS clip of three identical BMP frames, 6-digit camera counter."""
+    folder = root / f"s{subject}" / "micro" / emotion / f"s{subject}_{emotion[:2]}_01"
     folder.mkdir(parents=True)
-    for number in (1, 2):
-        cv2.imwrite(str(folder / f"img{number}.jpg"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    image = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY if grey else cv2.COLOR_RGB2BGR)
+    for number in (204_518, 204_519, 204_520):
+        cv2.imwrite(str(folder / f"reg_image{number}.bmp"), image)
 
 
 def test_frames_keeps_the_face_hog_misses(tmp_path: Path, grace: np.ndarray) -> None:
-    _write_sample(tmp_path, "01", "EP01", _tight_crop(grace, 0.15, 180))
-    _write_sample(tmp_path, "02", "EP02", grace)
-    pd.DataFrame([("01", "EP01", 1, 2, 2, "happiness"), ("02", "EP02", 1, 2, 2, "surprise")],
-                 columns=["Subject", "Filename", "OnsetFrame", "ApexFrame", "OffsetFrame",
-                          "Estimated Emotion"]).to_csv(tmp_path / "coding.csv", index=False)
-    dataset = Synthetic(tmp_path)
+    _write_clip(tmp_path, 1, "negative", _tight_crop(grace, 0.15, 180), grey=True)  # as cropped SMIC
+    _write_clip(tmp_path, 2, "positive", grace, grey=False)
+    dataset = Smic(tmp_path)
     predictor = face.default_predictor_path()
 
-    with pytest.raises(PipelineError, match=r"no face found .* 1 sample\(s\): synthetic_sub01/EP01"):
+    with pytest.raises(PipelineError, match=r"no face found .* 1 sample\(s\): smic_s01/s1_ne_01"):
         extract_frames(dataset, FRAMES_PARAMS | {"detectors": ["hog", "hog_upsampled"]}, predictor, workers=1)
 
     arrays, no_face = extract_frames(dataset, FRAMES_PARAMS | {"detectors": list(face.DETECTORS)}, predictor,
                                      workers=1)
     assert no_face == []
-    assert arrays["sample"].tolist() == ["EP01", "EP02"]
+    assert arrays["sample"].tolist() == ["s1_ne_01", "s2_po_01"]
     assert arrays["detector"].tolist() == ["cnn", "hog"]
     assert arrays["onset"].shape == (2, 224, 224, 3)
     # both aligned crops frame the face: the landmarks stage's re-detection finds it in each
