@@ -64,11 +64,15 @@ def assert_nothing_written(workdir: Path) -> None:
     ("update", "expected"),
     [
         ({"data": {"root": "data/raw/nowhere"}}, ["data/raw/nowhere", "data.root"]),
-        ({"data": {"dataset": "casme3"}}, ["casme3", "casme2", "samm", "synthetic"]),
+        ({"data": {"dataset": "casme3"}}, ["casme3", "casme2", "megc2019", "samm", "smic", "synthetic"]),
+        ({"data": {"dataset": "megc2019"}}, ["data.labels", "combined_3class_gt.csv"]),
+        ({"data": {"dataset": "smic"}}, ["no SMIC subject folders", "data.root", "HS"]),
         ({"data": {"labels": "data/raw/missing.xlsx"}}, ["missing.xlsx", "data.labels"]),
         ({"data": {"dataset": "samm"}}, ["MICRO_ONLY"]),
         ({"landmarks": {"predictor": "models/none.dat"}}, ["models/none.dat", "landmarks.predictor"]),
         ({"frames": {"on_no_face": "ignore"}}, ["frames.on_no_face", "fail or skip"]),
+        ({"frames": {"detectors": ["cnn", "hog"]}}, ["frames.detectors", "in that order"]),
+        ({"landmarks": {"cnn_detector": "models/none.dat"}}, ["models/none.dat", "landmarks.cnn_detector"]),
     ],
 )
 def test_bad_params_name_the_fix(workdir: Path, capsys: pytest.CaptureFixture, update: dict,
