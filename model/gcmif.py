@@ -27,6 +27,7 @@ TRANSFORMER_LAYERS = 1
 TRANSFORMER_HEADS = 8
 TRANSFORMER_FF_MULT = 2
 DROPOUT = 0.1
+POS_STD = 0.02
 
 
 class GCMiF(nn.Module):
@@ -39,7 +40,7 @@ class GCMiF(nn.Module):
         self.mode = mode
         if mode == "sa":
             self.pos = nn.Parameter(torch.zeros(1, num_tokens, dim))
-            nn.init.trunc_normal_(self.pos, std=0.02)
+            nn.init.trunc_normal_(self.pos, std=POS_STD, a=-2 * POS_STD, b=2 * POS_STD)
             layer = nn.TransformerEncoderLayer(
                 dim, TRANSFORMER_HEADS, TRANSFORMER_FF_MULT * dim, DROPOUT, batch_first=True, norm_first=True
             )

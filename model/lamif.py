@@ -25,6 +25,7 @@ from model.stems import IMAGE_SIZE
 
 MODALITIES = ("appearance", "motion", "geometry")
 LOCAL_FUSIONS = ("sc-sa", "sa-mean", "sa-max", "concat-fc")
+SCSA_INITS = ("self", "random")
 WEAK_INDEX = {"appearance": 0, "geometry": 1}  # position of w_a, w_g in SCSA.w
 
 
@@ -74,14 +75,26 @@ class GridTokens(nn.Module):
 
 
 class SelfAttention3(nn.Module):
-    """Single-head self-attention among the k modality tokens of each landmark (eq. 5)."""
+    """Single-head self-attention among the k modality tokens of each landmark (eq. 5).
 
-    def __init__(self, dim: int):
+    init "self": W_Q = W_K = I (W_V as torch initialises it), so at the start each modality's row
+    attends mostly to its own token (logit |x|^2 / sqrt(d) vs x_i . x_j / sqrt(d)) and eq. 6's
+    alpha really weights motion against the weak rows. A random W_Q, W_K ("random") starts near
+    uniform attention: every row is then the same mix of all three tokens and alpha does nothing.
+    """
+
+    def __init__(self, dim: int, init: str = "self"):
         super().__init__()
+        if init not in SCSA_INITS:
+            raise ValueError(f"scsa_init must be one of {list(SCSA_INITS)}, got {init!r}")
         self.q = nn.Linear(dim, dim, bias=False)  # W_Q
         self.k = nn.Linear(dim, dim, bias=False)  # W_K
         self.v = nn.Linear(dim, dim, bias=False)  # W_V
         self.scale = dim**-0.5
+        if init == "self":
+            with torch.no_grad():
+                self.q.weight.copy_(torch.eye(dim))
+                self.k.weight.copy_(torch.eye(dim))
 
     def forward(self, tokens: Tensor) -> Tensor:
         """B x N x k x d -> B x N x k x d; row i = Softmax(Q_i K / sqrt(d)) V^T (eq. 5)."""
@@ -98,13 +111,13 @@ class SCSA(nn.Module):
     modality its coefficient is 1 - alpha.
     """
 
-    def __init__(self, dim: int, alpha: float, modalities: tuple[str, ...] | list[str]):
+    def __init__(self, dim: int, alpha: float, modalities: tuple[str, ...] | list[str], init: str = "self"):
         super().__init__()
         if not 0.5 <= alpha <= 1.0:
             raise ValueError(f"SC-SA alpha must be in [0.5, 1] (motion dominant), got {alpha}")
         self.alpha = float(alpha)
         self.modalities = tuple(modalities)
-        self.attn = SelfAttention3(dim)
+        self.attn = SelfAttention3(dim, init)
         self.weak = [m for m in self.modalities if m != "motion"]
         self.w = nn.Parameter(torch.zeros(2))  # (w_a, w_g), eq. 6
 
@@ -129,9 +142,9 @@ class SCSA(nn.Module):
 class SAPool(nn.Module):
     """Table 5 'SA + Mean/Max Pl': the same self-attention, then mean or max over the k rows."""
 
-    def __init__(self, dim: int, mode: str):
+    def __init__(self, dim: int, mode: str, init: str = "self"):
         super().__init__()
-        self.attn = SelfAttention3(dim)
+        self.attn = SelfAttention3(dim, init)
         self.mode = mode
 
     def forward(self, tokens: Tensor) -> Tensor:
@@ -151,12 +164,12 @@ class ConcatFC(nn.Module):
 
 
 def build_local_fusion(
-    name: str, dim: int, alpha: float, modalities: tuple[str, ...] | list[str]
+    name: str, dim: int, alpha: float, modalities: tuple[str, ...] | list[str], init: str = "self"
 ) -> nn.Module:
     if name == "sc-sa":
-        return SCSA(dim, alpha, modalities)
+        return SCSA(dim, alpha, modalities, init)
     if name in ("sa-mean", "sa-max"):
-        return SAPool(dim, name.removeprefix("sa-"))
+        return SAPool(dim, name.removeprefix("sa-"), init)
     if name == "concat-fc":
         return ConcatFC(dim, len(modalities))
     raise ValueError(f"local_fusion must be one of {list(LOCAL_FUSIONS)}, got {name!r}")

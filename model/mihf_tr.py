@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from model.gcmif import GLOBAL_FUSIONS, TRANSFORMER_HEADS, GCMiF
 from model.gcn import GCN, NUM_LANDMARKS
-from model.lamif import LOCAL_FUSIONS, MODALITIES, GridTokens, LocalAlignment, build_local_fusion
+from model.lamif import LOCAL_FUSIONS, MODALITIES, SCSA_INITS, GridTokens, LocalAlignment, build_local_fusion
 from model.loss import LOSSES
 from model.stems import VALID_LAYERS, Stem, stem_geometry
 
@@ -55,6 +55,9 @@ class ModelConfig:
     gamma: float = 2.0
     landmark_jitter_train: float = 0.0
     landmark_jitter_test: float = 0.0
+    embed_norm: bool = True
+    dropout: float = 0.0
+    scsa_init: str = "self"
 
     @classmethod
     def from_params(cls, section: dict[str, Any] | None) -> ModelConfig:
@@ -104,7 +107,9 @@ class ModelConfig:
         num("gamma", float, 0.0)
         num("landmark_jitter_train", float, 0.0)
         num("landmark_jitter_test", float, 0.0)
-        for name in ("freeze_stems", "lamif", "gcmif"):
+        num("dropout", float, 0.0, 0.9)
+        choice("scsa_init", SCSA_INITS)
+        for name in ("freeze_stems", "lamif", "gcmif", "embed_norm"):
             flag(name)
         choice("local_fusion", LOCAL_FUSIONS)
         choice("global_fusion", GLOBAL_FUSIONS)
@@ -152,7 +157,9 @@ class MiHFTr(nn.Module):
             self.align = nn.ModuleDict(
                 {m: LocalAlignment(channels, config.dim, config.block) for m in image_mods}
             )
-            self.local_fusion = build_local_fusion(config.local_fusion, config.dim, config.alpha, mods)
+            self.local_fusion = build_local_fusion(
+                config.local_fusion, config.dim, config.alpha, mods, config.scsa_init
+            )
             num_tokens = NUM_LANDMARKS
         else:  # no alignment, no local fusion: grid tokens of AF, MF and the GCN nodes, all to GCMiF
             self.align = nn.ModuleDict(
@@ -161,6 +168,13 @@ class MiHFTr(nn.Module):
             self.local_fusion = None
             grid = (self.h0 // config.block) ** 2
             num_tokens = grid * len(image_mods) + (NUM_LANDMARKS if "geometry" in mods else 0)
+        # Each modality's tokens are layer-normalised where they are embedded, so that appearance,
+        # motion and geometry enter the fusion on one scale (unnormalised, the random appearance
+        # blocks are ~5x the motion ones and identity is what the head fits first).
+        self.embed_norm = (
+            nn.ModuleDict({m: nn.LayerNorm(config.dim) for m in mods}) if config.embed_norm else None
+        )
+        self.dropout = nn.Dropout(config.dropout)  # on the embedded tokens and on F_ME
         self.global_fusion = GCMiF(config.dim, num_tokens, config.global_fusion if config.gcmif else "mean")
         self.classifier = nn.Linear(config.dim, num_classes)
         if config.freeze_stems:
@@ -199,13 +213,17 @@ class MiHFTr(nn.Module):
             feats[m] = align(maps[m], apex_px)  # B x 51 x d (LAMiF) or B x P x d (grid)
         if self.gcn is not None:
             feats["geometry"] = self.gcn(lm)  # B x 51 x d, eq. 2
+        for m, tokens in feats.items():
+            if self.embed_norm is not None:
+                tokens = self.embed_norm[m](tokens)
+            feats[m] = self.dropout(tokens)
         if self.local_fusion is not None:
             tokens = torch.stack([feats[m] for m in cfg.modalities], dim=2)  # B x 51 x k x d
             tokens = self.local_fusion(tokens)  # B x 51 x d, eqs. 4-6
         else:
             tokens = torch.cat([feats[m] for m in cfg.modalities], dim=1)  # B x T x d
         f_me = self.global_fusion(tokens)  # B x d, eq. 7
-        logits = self.classifier(f_me)  # B x C
+        logits = self.classifier(self.dropout(f_me))  # B x C
         return (logits, f_me) if return_features else logits
 
     def forward(self, apex: Tensor | None, flow: Tensor | None, landmarks: Tensor) -> Tensor:

@@ -27,7 +27,8 @@ byte-identical `metrics/loso.json`, `metrics/predictions.csv`, `metrics/per_fold
 
 Outputs (atomic):
 - `metrics/loso.json`: `uf1`, `uar` (pooled), `accuracy`, `per_class`, `per_fold_mean`, `n_samples`,
-  `n_subjects`, `n_folds`, `n_params`; sorted keys, floats rounded to 6 decimals (deterministic).
+  `n_subjects`, `n_folds`, `n_params`, and for a composite (megc2019) `per_dataset`:
+  {dataset: {uf1, uar, n}}; sorted keys, floats rounded to 6 decimals (deterministic).
 - `metrics/timing.json`: wall-clock seconds (stems, training, total), samples/s, device, workers.
   Not deterministic, hence a file of its own (dvc.yaml: cache: false).
 - `metrics/predictions.csv`: `subject`, `sample`, `true`, `pred` (class names), `p_<class>`.
@@ -40,7 +41,7 @@ Outputs (atomic):
   (class indices), rows in the order of predictions.csv; attrs `classes`, `dataset`, `model` (JSON).
   Input of `python -m stages.report tsne` (t-SNE, ARa / AEr, paper §4.3).
 - `metrics/train_loss.csv`: `epoch`, `loss` (mean over folds of the fold's mean training loss), `lr`.
-- `metrics/confusion.png`: the pooled confusion matrix.
+- `metrics/confusion.png`: the pooled confusion matrix (and one per dataset for a composite).
 """
 
 from __future__ import annotations
@@ -63,8 +64,17 @@ from sklearn.model_selection import LeaveOneGroupOut
 from tqdm import tqdm
 
 from model import MiHFTr, ModelConfig, build_loss, count_parameters, prepare_batch
+from model.augment import mirror_flow, mirror_images, mirror_landmarks
 from stages.common import PipelineError, atomic_path, load_params, read_h5, run_main, worker_count, write_h5
-from stages.metrics import confusion_matrix, fold_scores, per_fold_mean, pooled_scores, round_floats
+from stages.metrics import (
+    confusion_matrix,
+    fold_scores,
+    per_dataset_scores,
+    per_fold_mean,
+    pooled_scores,
+    round_floats,
+    subject_datasets,
+)
 
 PROCESSED = Path("data/processed")
 METRICS = Path("metrics")
@@ -89,7 +99,9 @@ class TrainConfig:
     lr: float = 1e-3
     lr_step: int = 20  # epochs between learning-rate decays
     lr_gamma: float = 0.1  # factor of each decay (paper: divided by 10)
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW (decoupled); 0 = the paper's Adam
+    mirror: bool = False  # horizontal mirror of apex, flow (u negated) and landmarks, p = 0.5
+    flow_jitter: float = 0.0  # flow magnitude x exp(U(-j, j)) per training sample
     stem_batch: int = 16  # samples per batch when caching frozen stem features (memory only)
 
     @classmethod
@@ -112,7 +124,9 @@ class TrainConfig:
             low = 0 if name == "seed" else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise PipelineError(f"train.{name} must be an integer >= {low}, got {value!r}")
-        for name, low in (("lr", 0.0), ("lr_gamma", 0.0), ("weight_decay", 0.0)):
+        if not isinstance(self.mirror, bool):
+            raise PipelineError(f"train.mirror must be true or false, got {self.mirror!r}")
+        for name, low in (("lr", 0.0), ("lr_gamma", 0.0), ("weight_decay", 0.0), ("flow_jitter", 0.0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
                 raise PipelineError(f"train.{name} must be a number >= {low}, got {value!r}")
@@ -183,15 +197,29 @@ def _tick() -> None:
         _PROGRESS.put(1)
 
 
-def _inputs(idx: np.ndarray) -> tuple[Any, Any, torch.Tensor]:
-    """(AF, MF, landmarks) of frozen stems, or (apex, flow, landmarks) for trainable stems, on the device."""
+def _inputs(idx: np.ndarray, mirrored: np.ndarray | None = None,
+            flow_scale: np.ndarray | None = None) -> tuple[Any, Any, torch.Tensor]:
+    """(AF, MF, landmarks) of frozen stems, or (apex, flow, landmarks) for trainable stems, on the
+    device; `mirrored` (bool per sample) and `flow_scale` (factor per sample) augment (train only)."""
     s = _STATE
     device = s["device"]
     if s["cached"]:
-        t = torch.from_numpy(idx).to(s["features_device"])
-        af, mf = (_gather(name, t) for name in ("af", "mf"))
-        return af, mf, s["landmarks"][t].to(device)
-    return prepare_batch(s["apex"][idx], s["flow"][idx], s["landmarks_np"][idx], device)
+        rows = idx if mirrored is None else idx + s["n"] * mirrored  # mirrored rows follow the originals
+        t = torch.from_numpy(rows).to(s["features_device"])
+        a, b = (_gather(name, t) for name in ("af", "mf"))
+        lm = s["landmarks"][t].to(device)
+    else:
+        a, b, lm = prepare_batch(s["apex"][idx], s["flow"][idx], s["landmarks_np"][idx], device)
+        if mirrored is not None:
+            m = torch.from_numpy(mirrored).to(device)
+            a = torch.where(m[:, None, None, None], mirror_images(a), a)
+            b = torch.where(m[:, None, None, None], mirror_flow(b), b)
+            lm = torch.where(m[:, None, None], mirror_landmarks(lm, s["width"]), lm)
+    if flow_scale is not None and b is not None:
+        # The flow, or its frozen-stem map MF: a stem without biases (random init, batch norm at its
+        # initial statistics) is positively homogeneous, MF(c flow) = c MF(flow), so both are the same.
+        b = b * torch.from_numpy(flow_scale).to(b.device, b.dtype)[:, None, None, None]
+    return a, b, lm
 
 
 def _gather(name: str, t: torch.Tensor) -> torch.Tensor | None:
@@ -220,19 +248,22 @@ def _forward_features(net: MiHFTr, a: Any, b: Any, lm: torch.Tensor) -> tuple[to
     return net.head(a, b, lm, return_features=True)
 
 
-def train_fold(fold: Fold) -> FoldResult:
-    """Train a fresh model on fold.train for the fixed number of epochs, predict fold.test."""
+def fit_net(train_idx: np.ndarray, seed: int, tick: bool = True) -> tuple[MiHFTr, list[float], list[float]]:
+    """A fresh model (the shared stems, a head initialised from `seed`) trained on `train_idx` for the
+    fixed number of epochs: (model in eval mode, mean loss per epoch, lr per epoch)."""
     s = _STATE
     cfg: TrainConfig = s["train"]
     model_cfg: ModelConfig = s["model"]
     device, labels, num_classes = s["device"], s["labels"], s["num_classes"]
-    torch.manual_seed(fold.seed)  # initialisation, dropout, landmark jitter
-    rng = np.random.default_rng(fold.seed)  # batch order
-    net = MiHFTr(model_cfg, num_classes).to(device)
-    counts = np.bincount(labels[fold.train], minlength=num_classes)
+    torch.manual_seed(seed)  # initialisation, dropout, landmark jitter
+    rng = np.random.default_rng(seed)  # batch order, augmentation
+    net = MiHFTr(model_cfg, num_classes)
+    net.load_state_dict(s["stem_state"], strict=False)  # the stems that made the cached AF / MF
+    net.to(device)
+    counts = np.bincount(labels[train_idx], minlength=num_classes)
     loss_fn = build_loss(model_cfg.loss, model_cfg.gamma, counts).to(device)
     params = [p for p in net.parameters() if p.requires_grad]
-    optimiser = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.StepLR(optimiser, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
     y_all = torch.from_numpy(labels)
     losses, lrs = [], []
@@ -240,25 +271,42 @@ def train_fold(fold: Fold) -> FoldResult:
         net.train()
         total = 0.0
         lrs.append(float(optimiser.param_groups[0]["lr"]))
-        for idx in epoch_batches(fold.train, cfg.batch_size, rng):
-            a, b, lm = _inputs(idx)
+        for idx in epoch_batches(train_idx, cfg.batch_size, rng):
+            mirrored = rng.random(len(idx)) < 0.5 if cfg.mirror else None
+            j = cfg.flow_jitter
+            scale = np.exp(rng.uniform(-j, j, len(idx))) if j else None
+            a, b, lm = _inputs(idx, mirrored, scale)
             loss = loss_fn(_forward(net, a, b, lm), y_all[idx].to(device))
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
             total += float(loss.detach()) * len(idx)
-        losses.append(total / len(fold.train))
+        losses.append(total / len(train_idx))
         schedule.step()
-        _tick()
-    net.eval()
+        if tick:
+            _tick()
+    return net.eval(), losses, lrs
+
+
+def predict(net: MiHFTr, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities len(idx) x C float64, F_ME len(idx) x d float32) of samples idx, eval mode."""
+    batch = _STATE["train"].batch_size
     probs, features = [], []
+    net.eval()
     with torch.no_grad():
-        for start in range(0, len(fold.test), cfg.batch_size):
-            a, b, lm = _inputs(fold.test[start:start + cfg.batch_size])
+        for start in range(0, len(idx), batch):
+            a, b, lm = _inputs(idx[start:start + batch])
             logits, f_me = _forward_features(net, a, b, lm)
             probs.append(torch.softmax(logits.double(), dim=-1).cpu().numpy())
             features.append(f_me.float().cpu().numpy())
-    return FoldResult(fold.index, np.concatenate(probs), losses, lrs, np.concatenate(features))
+    return np.concatenate(probs), np.concatenate(features)
+
+
+def train_fold(fold: Fold) -> FoldResult:
+    """Train a fresh model on fold.train for the fixed number of epochs, predict fold.test."""
+    net, losses, lrs = fit_net(fold.train, fold.seed)
+    probs, features = predict(net, fold.test)
+    return FoldResult(fold.index, probs, losses, lrs, features)
 
 
 def _init_worker() -> None:
@@ -308,20 +356,55 @@ def run_folds(folds: list[Fold], workers: int, epochs: int) -> list[FoldResult]:
 # ---- stems ----------------------------------------------------------------------------------------
 
 def stem_features(net: MiHFTr, apex: np.ndarray, flow: np.ndarray, landmarks: np.ndarray,
-                  device: torch.device, batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """AF, MF (N x C x h0 x h0 float32) of every sample through the frozen stems, `batch` at a time."""
+                  device: torch.device, batch: int,
+                  mirrored: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """AF, MF (N x C x h0 x h0 float32) of every sample (mirrored: of its mirror image) through the
+    frozen stems, `batch` at a time."""
     net.eval()
     af_parts, mf_parts = [], []
     with torch.no_grad():
-        for start in tqdm(range(0, len(apex), batch), desc="stem features", unit="batch",
-                          file=sys.stderr, dynamic_ncols=True):
+        for start in tqdm(range(0, len(apex), batch), desc="stem features (mirrored)" if mirrored else
+                          "stem features", unit="batch", file=sys.stderr, dynamic_ncols=True):
             sl = slice(start, start + batch)
             a, f, _ = prepare_batch(apex[sl], flow[sl], landmarks[sl], device)
+            if mirrored:
+                a, f = mirror_images(a), mirror_flow(f)
             af, mf = net.stems(a, f)
             af_parts.append(af)
             mf_parts.append(mf)
     join = lambda parts: torch.cat(parts) if parts[0] is not None else None  # noqa: E731
     return join(af_parts), join(mf_parts)
+
+
+def setup_state(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device, arrays: dict[str, np.ndarray],
+                num_classes: int) -> int:
+    """Fill _STATE for fit_net / predict: the stems every fold shares (initialised from (train.seed, 0),
+    or the pretrained weights) and, with frozen stems, their AF / MF of every sample (and of its
+    mirror image when train.mirror), computed once. Returns the model's parameter count."""
+    torch.manual_seed(derive_seed(cfg.seed, 0))
+    try:
+        stem_net = MiHFTr(model_cfg, num_classes)
+    except (FileNotFoundError, ValueError) as err:
+        raise PipelineError(str(err)) from err
+    _STATE.clear()
+    _STATE.update(train=cfg, model=model_cfg, device=device, labels=arrays["label"].astype(np.int64),
+                  num_classes=num_classes, cached=model_cfg.freeze_stems, n=len(arrays["label"]),
+                  width=int(arrays["apex"].shape[2]),
+                  stem_state={k: v for k, v in stem_net.state_dict().items() if k.startswith("stem_")})
+    landmarks = torch.from_numpy(np.ascontiguousarray(arrays["landmarks"], np.float32))
+    if model_cfg.freeze_stems:
+        stem_net.to(device)
+        views = [False, True] if cfg.mirror else [False]
+        maps = [stem_features(stem_net, arrays["apex"], arrays["flow"], arrays["landmarks"], device,
+                              cfg.stem_batch, mirrored) for mirrored in views]
+        af, mf = (torch.cat(parts) if parts[0] is not None else None for parts in zip(*maps))
+        if cfg.mirror:
+            landmarks = torch.cat([landmarks, mirror_landmarks(landmarks, _STATE["width"])])
+        where = next((x.device for x in (af, mf) if x is not None), device)
+        _STATE.update(af=af, mf=mf, features_device=where, landmarks=landmarks.to(where))
+    else:
+        _STATE.update(apex=arrays["apex"], flow=arrays["flow"], landmarks_np=arrays["landmarks"])
+    return count_parameters(stem_net)["total"]
 
 
 # ---- outputs --------------------------------------------------------------------------------------
@@ -371,24 +454,27 @@ def write_loss_curve(path: Path, results: list[FoldResult]) -> None:
             writer.writerow([epoch, f"{loss:.6f}", f"{lr:.6g}"])
 
 
-def plot_confusion(path: Path, cm: np.ndarray, classes: list[str], title: str) -> None:
+def plot_confusion(path: Path, panels: list[tuple[np.ndarray, str]], classes: list[str]) -> None:
+    """One confusion matrix per (matrix, title) panel, side by side (the composite, then each dataset)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 2.5, 1.2 * len(classes) + 2))
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
-    top = cm.max() if cm.size else 0
-    for i in range(len(classes)):
-        for j in range(len(classes)):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
-                    color="white" if cm[i, j] > top / 2 else "black")
+    side = 1.2 * len(classes) + 2.5
+    fig, axes = plt.subplots(1, len(panels), figsize=(side * len(panels), side - 0.5), squeeze=False)
+    for ax, (cm, title) in zip(axes[0], panels):
+        ax.imshow(cm, cmap="Blues")
+        ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
+        ax.set_yticks(range(len(classes)), classes)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(title, fontsize=9)
+        top = cm.max() if cm.size else 0
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                        color="white" if cm[i, j] > top / 2 else "black")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
@@ -397,9 +483,8 @@ def plot_confusion(path: Path, cm: np.ndarray, classes: list[str], title: str) -
 
 # ---- the stage ------------------------------------------------------------------------------------
 
-def evaluate(params: dict, h5_path: Path) -> dict[str, Any]:
-    """Run LOSO on the processed file with these params; write every output; return the metrics."""
-    t_start = time.perf_counter()
+def configure(params: dict) -> tuple[TrainConfig, ModelConfig, torch.device]:
+    """The validated `train` and `model` sections and the device (deterministic kernels on CUDA)."""
     cfg = TrainConfig.from_params(params.get("train"))
     try:
         model_cfg = ModelConfig.from_params(params.get("model"))
@@ -411,34 +496,28 @@ def evaluate(params: dict, h5_path: Path) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
         torch.use_deterministic_algorithms(True, warn_only=True)
+    return cfg, model_cfg, device
 
+
+def load_processed(h5_path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any], list[str]]:
+    """(arrays, attrs, class names) of the processed HDF5; an empty file is an error."""
     arrays, attrs = read_h5(h5_path, ARRAYS)
     classes = json.loads(attrs["classes"]) if isinstance(attrs["classes"], str) else list(attrs["classes"])
-    labels, subjects = arrays["label"].astype(np.int64), np.asarray(arrays["subject"])
-    if len(labels) == 0:
+    if len(arrays["label"]) == 0:
         raise PipelineError(f"{h5_path} holds no samples")
+    return arrays, attrs, classes
+
+
+def evaluate(params: dict, h5_path: Path) -> dict[str, Any]:
+    """Run LOSO on the processed file with these params; write every output; return the metrics."""
+    t_start = time.perf_counter()
+    cfg, model_cfg, device = configure(params)
+    arrays, attrs, classes = load_processed(h5_path)
+    labels, subjects = arrays["label"].astype(np.int64), np.asarray(arrays["subject"])
     folds = loso_splits(subjects, cfg.seed)
 
-    torch.manual_seed(derive_seed(cfg.seed, 0))
-    try:
-        stem_net = MiHFTr(model_cfg, len(classes))
-    except (FileNotFoundError, ValueError) as err:
-        raise PipelineError(str(err)) from err
-    n_params = count_parameters(stem_net)["total"]
-    _STATE.clear()
-    _STATE.update(train=cfg, model=model_cfg, device=device, labels=labels, num_classes=len(classes),
-                  cached=model_cfg.freeze_stems)
     t_stems = time.perf_counter()
-    if model_cfg.freeze_stems:
-        stem_net.to(device)
-        af, mf = stem_features(stem_net, arrays["apex"], arrays["flow"], arrays["landmarks"], device,
-                               cfg.stem_batch)
-        where = next((x.device for x in (af, mf) if x is not None), device)
-        landmarks = torch.from_numpy(np.ascontiguousarray(arrays["landmarks"], np.float32)).to(where)
-        _STATE.update(af=af, mf=mf, features_device=where, landmarks=landmarks)
-    else:
-        _STATE.update(apex=arrays["apex"], flow=arrays["flow"], landmarks_np=arrays["landmarks"])
-    del stem_net
+    n_params = setup_state(cfg, model_cfg, device, arrays, len(classes))
     t_train = time.perf_counter()
     results = run_folds(folds, params.get("workers", 0), cfg.epochs)
     t_end = time.perf_counter()
@@ -459,6 +538,9 @@ def evaluate(params: dict, h5_path: Path) -> dict[str, Any]:
         "n_folds": len(folds),
         "n_params": int(n_params),
     }
+    per_dataset = per_dataset_scores(labels, y_pred, subjects, classes)
+    if per_dataset:  # a composite (megc2019): each dataset pooled over its folds, as MEGC2019 reports
+        metrics["per_dataset"] = per_dataset
     write_json(LOSO_JSON, metrics)
     write_predictions(PREDICTIONS_CSV, subjects, np.asarray(arrays["sample"]), labels, probs, classes)
     write_per_fold(PER_FOLD_CSV, labels, y_pred, folds)
@@ -466,10 +548,15 @@ def evaluate(params: dict, h5_path: Path) -> dict[str, Any]:
                    {"classes": classes, "dataset": str(attrs.get("dataset", h5_path.stem)),
                     "model": asdict(model_cfg)})
     write_loss_curve(LOSS_CSV, results)
-    cm = confusion_matrix(labels, y_pred, len(classes))
-    plot_confusion(CONFUSION_PNG, cm, classes,
-                   f"{attrs.get('dataset', h5_path.stem)} LOSO, pooled: UF1 {scores['uf1']:.4f}, "
-                   f"UAR {scores['uar']:.4f}")
+    name = attrs.get("dataset", h5_path.stem)
+    panels = [(confusion_matrix(labels, y_pred, len(classes)),
+               f"{name} LOSO, pooled: UF1 {scores['uf1']:.4f}, UAR {scores['uar']:.4f}")]
+    datasets = subject_datasets(subjects)
+    for member, score in metrics.get("per_dataset", {}).items():
+        rows = datasets == member
+        panels.append((confusion_matrix(labels[rows], y_pred[rows], len(classes)),
+                       f"{member} ({score['n']}): UF1 {score['uf1']:.4f}, UAR {score['uar']:.4f}"))
+    plot_confusion(CONFUSION_PNG, panels, classes)
     trained = sum(len(f.train) for f in folds) * cfg.epochs
     timing = {
         "device": str(device),
@@ -492,6 +579,8 @@ def main() -> None:
           f"{metrics['uf1']:.4f}, UAR {metrics['uar']:.4f}, accuracy {metrics['accuracy']:.4f} "
           f"(per-fold mean, not comparable: UF1 {metrics['per_fold_mean']['uf1']:.4f}, "
           f"UAR {metrics['per_fold_mean']['uar']:.4f}) -> {LOSO_JSON}")
+    for member, score in metrics.get("per_dataset", {}).items():
+        print(f"  {member}: {score['n']} samples, UF1 {score['uf1']:.4f}, UAR {score['uar']:.4f}")
 
 
 if __name__ == "__main__":

@@ -491,3 +491,56 @@ def test_overfit_real_samples(processed_h5: Path) -> None:
         apex, flow, lms = prepare_batch(f["apex"][idx], f["flow"][idx], f["landmarks"][idx], "cpu")
     losses = _overfit(apex, flow, lms, torch.as_tensor(labels[idx], dtype=torch.long), steps=400, target=0.01)
     assert losses[-1] < 0.01 < losses[0]
+
+
+# ---- augmentation ----------------------------------------------------------------------------------
+
+def test_mirror_permutation_is_an_involution_that_swaps_sides():
+    from model.augment import DLIB_MIRROR, KEPT_MIRROR
+
+    assert sorted(DLIB_MIRROR) == list(range(68))
+    assert all(DLIB_MIRROR[DLIB_MIRROR[i]] == i for i in range(68))
+    assert DLIB_MIRROR[17] == 26 and DLIB_MIRROR[36] == 45 and DLIB_MIRROR[48] == 54  # brow, eye, mouth
+    assert [i for i in range(68) if DLIB_MIRROR[i] == i] == [8, 27, 28, 29, 30, 33, 51, 57, 62, 66]
+    assert sorted(KEPT_MIRROR) == list(range(51)) and KEPT_MIRROR[0] == 9  # dlib 17 <-> 26
+
+
+def test_mirror_keeps_appearance_motion_and_geometry_consistent():
+    """Mirror a face's landmarks: the mirrored point of a landmark sits where the mirrored image has
+    that landmark's pixel, and the flow there is the original flow with u negated."""
+    from model.augment import mirror_flow, mirror_images, mirror_landmarks
+
+    g = torch.Generator().manual_seed(0)
+    width = 224
+    landmarks = torch.randint(0, width, (2, 51, 4), generator=g).float()
+    image = torch.rand(2, 3, width, width, generator=g)
+    flow = torch.randn(2, 2, width, width, generator=g)
+    mirrored = mirror_landmarks(landmarks, width)
+    assert torch.equal(mirror_landmarks(mirrored, width), landmarks)
+    assert torch.equal(mirror_flow(mirror_flow(flow)), flow)
+    img_m, flow_m = mirror_images(image), mirror_flow(flow)
+    from model.augment import KEPT_MIRROR
+
+    for b in range(2):
+        for n in range(51):
+            x, y = (int(v) for v in landmarks[b, n, 2:4])
+            xm, ym = (int(v) for v in mirrored[b, KEPT_MIRROR[n], 2:4])
+            assert (xm, ym) == (width - 1 - x, y)
+            assert torch.equal(img_m[b, :, ym, xm], image[b, :, y, x])
+            assert flow_m[b, 0, ym, xm] == -flow[b, 0, y, x] and flow_m[b, 1, ym, xm] == flow[b, 1, y, x]
+
+
+def test_scsa_self_init_makes_each_row_attend_to_its_own_token():
+    from model.lamif import SelfAttention3
+
+    tokens = torch.nn.functional.layer_norm(torch.randn(4, 51, 3, 256), (256,))
+    own = SelfAttention3(256, "self")
+    rows = own(tokens)
+    with torch.no_grad():
+        att = torch.softmax(own.q(tokens) @ own.k(tokens).transpose(-1, -2) * own.scale, dim=-1)
+    assert att.diagonal(dim1=-2, dim2=-1).min() > 0.99
+    assert rows.shape == tokens.shape
+    rand = SelfAttention3(256, "random")
+    with torch.no_grad():
+        att = torch.softmax(rand.q(tokens) @ rand.k(tokens).transpose(-1, -2) * rand.scale, dim=-1)
+    assert att.diagonal(dim1=-2, dim2=-1).mean() < 0.5  # near uniform (1/3)
