@@ -70,17 +70,23 @@ def warp(image: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
                           borderMode=cv2.BORDER_REPLICATE)
 
 
-def crop_sample(job: FrameJob, size: int, margin: float, detect_width: int, upsample: int,
-                predictor_file: Path, detectors: Sequence[str] = face.DETECTORS,
-                cnn_file: Path | None = None) -> dict[str, Any] | None:
-    """Aligned onset and apex crops, the face box in crop pixels and the chain step that found the
-    face (`detector`, see `face.find_face`); None when no face is found."""
+def read_pair(job: FrameJob) -> tuple[np.ndarray, np.ndarray]:
+    """The onset and apex frames of `job`, RGB uint8, checked to share a size."""
     onset = read_rgb(job.onset_path, job.name)
     apex = read_rgb(job.apex_path, job.name)
     if onset.shape != apex.shape:
         raise PipelineError(f"{job.name}: onset {job.onset_path.name} is {onset.shape[1]}×{onset.shape[0]} "
                             f"but apex {job.apex_path.name} is {apex.shape[1]}×{apex.shape[0]}: "
                             "frames of one sample must share a size")
+    return onset, apex
+
+
+def align_pair(onset: np.ndarray, apex: np.ndarray, size: int, margin: float, detect_width: int,
+               upsample: int, predictor_file: Path, detectors: Sequence[str] = face.DETECTORS,
+               cnn_file: Path | None = None) -> dict[str, Any] | None:
+    """Aligned onset and apex crops of two same-size RGB frames, the face box in crop pixels
+    (`face_box`) and as detected in the frame (`frame_box`), the chain step that found the face
+    (`detector`, see `face.find_face`); None when no face is found."""
     found = face.find_face(onset, detect_width, upsample, detectors, cnn_file)
     if found is None:
         return None
@@ -92,8 +98,17 @@ def crop_sample(job: FrameJob, size: int, margin: float, detect_width: int, upsa
         "onset": warp(onset, matrix, size),
         "apex": warp(apex, matrix, size),
         "face_box": np.array([*(centre - half), *(centre + half)], dtype=np.float32),
+        "frame_box": box.astype(np.float32),  # not stored by the stage; `predict` reports it
         "detector": detector,
     }
+
+
+def crop_sample(job: FrameJob, size: int, margin: float, detect_width: int, upsample: int,
+                predictor_file: Path, detectors: Sequence[str] = face.DETECTORS,
+                cnn_file: Path | None = None) -> dict[str, Any] | None:
+    """align_pair on the frames of `job`."""
+    return align_pair(*read_pair(job), size, margin, detect_width, upsample, predictor_file, detectors,
+                      cnn_file)
 
 
 def frame_jobs(dataset: MicroExpressionDataset, samples: list[Sample]) -> list[FrameJob]:

@@ -243,7 +243,8 @@ def magnify_pair(onset: np.ndarray, apex: np.ndarray, method: str, alpha: float,
                            sigma=float(sigma))
 
 
-def _magnify_item(pair: tuple[np.ndarray, np.ndarray], magnify_params: dict[str, Any]) -> np.ndarray:
+def magnify_item(pair: tuple[np.ndarray, np.ndarray], magnify_params: dict[str, Any]) -> np.ndarray:
+    """magnify_pair of one (onset, apex) pair with the `magnify` params section."""
     p = magnify_params
     return magnify_pair(pair[0], pair[1], p["method"], p["alpha"], p["levels"], p["orientations"], p["sigma"])
 
@@ -251,7 +252,7 @@ def _magnify_item(pair: tuple[np.ndarray, np.ndarray], magnify_params: dict[str,
 def magnify_all(onset: np.ndarray, apex: np.ndarray, magnify_params: dict[str, Any],
                 workers: int) -> np.ndarray:
     """N×H×W(×3) uint8 magnified apexes, one sample per pool task."""
-    work = functools.partial(_magnify_item, magnify_params=magnify_params)
+    work = functools.partial(magnify_item, magnify_params=magnify_params)
     out = parallel_map(work, list(zip(onset, apex)), workers, desc="magnify")
     return np.stack(out) if out else np.zeros_like(apex)
 
