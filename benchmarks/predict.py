@@ -5,8 +5,9 @@
 Needs the dataset of params.yaml on disk (`dvc repro synthesize` for the default). Uses the model
 file when it exists, else an untrained model of params.yaml's `model` config written to a temp file
 (the same cost: the weights' values do not change the work). Runs predict's own code on clip folders
-with every core, as a user's run would: prints the one-off start-up (imports, model load), the first
-clip (caches filled on first use) and the median of each step over the other clips.
+as a user's run does (one thread, see `predict.one_thread`): prints the one-off start-up (imports,
+model load), the first clip (caches filled on first use) and the median of each step over the other
+clips, and the load average, since other processes on the cores slow every step.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ def main() -> None:
     timings = [predict.predict_input(net, info, faces, str(s.folder), str(s.onset), str(s.apex),
                                      f"{s.subject}/{s.sample}")[0]["timings_ms"] for s in samples]
     magnify = info["params"]["magnify"]
-    print(f"predict on CPU: {os.cpu_count()} cores, torch {torch.get_num_threads()} threads, "
-          f"magnify {magnify['method']} x{magnify['alpha']}, model: {note}")
+    print(f"predict on CPU ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}): magnify "
+          f"{magnify['method']} x{magnify['alpha']}, model: {note}")
     print(f"start-up: imports {1000 * imports:.0f} ms, model + predictor load {1000 * load:.0f} ms")
     print(f"{'step':<16} {'first clip':>10} {f'median of {len(timings) - 1}':>12}  (ms)")
     for step in timings[0]:

@@ -15,10 +15,12 @@ Not a pipeline stage: changing this file reruns nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from model import prepare_batch
 from model.checkpoint import load_checkpoint
 from model.lamif import SCSA
 from model.mihf_tr import MiHFTr
-from stages.common import PipelineError, atomic_path, run_main
+from stages.common import PipelineError, atomic_path, run_main, single_threaded_opencv
 from stages.frames import FrameJob, read_pair
 from stages.preprocess import FaceModels, face_models, preprocess_pair
 
@@ -133,6 +135,20 @@ def load_model(path: Path | str, device: str) -> tuple[MiHFTr, dict[str, Any], F
     return net, info, face_models(info["params"])
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """OpenCV and torch on one thread, as in the stages (parallel_map), so the code path that wrote the
+    HDF5 also runs on the same threading. It is faster too: torch's second thread made the model ~10x
+    slower whenever another process held a core (README, "Predict")."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with single_threaded_opencv():
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def probabilities(net: MiHFTr, sample: dict[str, np.ndarray]) -> np.ndarray:
     """Class probabilities of one preprocessed sample (the arrays of one processed-HDF5 row)."""
     device = next(net.parameters()).device
@@ -145,10 +161,11 @@ def probabilities(net: MiHFTr, sample: dict[str, np.ndarray]) -> np.ndarray:
 def predict_frames(net: MiHFTr, info: dict[str, Any], faces: FaceModels, onset: np.ndarray,
                    apex: np.ndarray, name: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(JSON-ready result without the read time, the preprocessed sample) of one onset/apex pair."""
-    sample, timings = preprocess_pair(onset, apex, info["params"], faces, name)
-    start = time.perf_counter()
-    probs = probabilities(net, sample)
-    timings["model"] = 1000 * (time.perf_counter() - start)
+    with one_thread():
+        sample, timings = preprocess_pair(onset, apex, info["params"], faces, name)
+        start = time.perf_counter()
+        probs = probabilities(net, sample)
+        timings["model"] = 1000 * (time.perf_counter() - start)
     classes = info["classes"]
     result = {
         "class": classes[int(np.argmax(probs))],
