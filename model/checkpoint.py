@@ -16,6 +16,7 @@ torch.save of a plain dict, read back with weights_only=True (loading runs no pi
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -51,9 +52,11 @@ def save_checkpoint(path: Path | str, net: MiHFTr, classes: list[str], params: d
         "num_classes": net.num_classes,
         "classes": list(classes),
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
-        "params": checkpoint_params(params),
+        # Through JSON: plain types only (a numpy scalar would be refused by weights_only loading),
+        # and a type JSON cannot hold fails here, at save time.
+        "params": json.loads(json.dumps(checkpoint_params(params))),
         "versions": package_versions(),
-        "extra": extra,
+        "extra": json.loads(json.dumps(extra)),
     }
     # In memory first: torch.save names the zip's records after the file, and the temp name holds a pid.
     buffer = io.BytesIO()

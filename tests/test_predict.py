@@ -169,6 +169,8 @@ def test_model_file_round_trip_and_stable_bytes(project: dict, model_file: tuple
     again = tmp_path / "again.pt"
     save_checkpoint(again, net, project["classes"], project["params"], {"samples": 0})
     assert again.read_bytes() == path.read_bytes()
+    save_checkpoint(again, net, project["classes"], project["params"], {"uf1": np.float64(0.5)})
+    assert load_checkpoint(again)[1]["extra"] == {"uf1": 0.5}  # numpy scalars saved as plain numbers
 
 
 def test_console_script_is_declared() -> None:
@@ -260,7 +262,7 @@ def test_no_face_from_the_command_line(model_file: tuple, tmp_path: Path) -> Non
             "--model", str(model_file[0]), "--explain", str(tmp_path / "out.png")]
     result = subprocess.run([sys.executable, "-m", "stages.predict", *argv], cwd=REPO, capture_output=True,
                             text=True)
-    assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
-    assert "blank0.png" in result.stderr and "no face found" in result.stderr
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "blank0.png" in result.stderr and "no face found" in result.stderr, result.stderr
     assert set(tmp_path.iterdir()) == before
