@@ -14,17 +14,18 @@ Parameters at the paper settings (l = 11, B = 4, d = 256, 2 GCN layers, 3 classe
     align_appearance        1,048,832   linear B*B*256 = 4,096 -> 256, with bias
     align_motion            1,048,832   the same for MF
     local_fusion              196,610   SC-SA W_Q, W_K, W_V (3 x 256 x 256, no bias) + w_a, w_g
+    embed_norm                  1,536   a LayerNorm (2 x 256) per modality where its tokens are embedded
     global_fusion             540,160   1 pre-norm transformer layer (8 heads, ff 512): 527,104,
                                         + token embedding 51 x 256 = 13,056
     classifier                    771   linear 256 -> 3
-    total                   3,353,550   paper: 3,419,074 (-65,524, -1.92%)
+    total                   3,355,086   paper: 3,419,074 (-63,988, -1.87%)
 
 The paper does not give the transformer size or the GCN/classifier details; everything except the
 transformer is fixed by the paper's numbers (l, B, d, 51 nodes, 3 x d x d SC-SA), so the
 transformer was sized to land near the paper's total: 1 layer with a feed-forward of 2d = 512 gives
 -1.9%; 2 layers would give +17%, a feed-forward of 4d = 1024 +5.8%. The remaining ~65k could be,
 e.g., biases in W_Q/W_K/W_V, a wider feed-forward (640 would match within 0.1%) or a deeper
-classifier; we keep the round 2d. With frozen stems (the CPU default) 2,902,862 are trained.
+classifier; we keep the round 2d. With frozen stems (the CPU default) 2,904,398 are trained.
 """
 
 from model.loss import build_loss, class_weights

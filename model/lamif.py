@@ -48,30 +48,41 @@ def sample_blocks(fmap: Tensor, points: Tensor, block: int) -> Tensor:
 
 
 class LocalAlignment(nn.Module):
-    """Eq. 3 + flatten + linear: (AF or MF) B x C x h0 x h0, landmarks -> B x 51 x d."""
+    """Eq. 3 + flatten + linear: (AF or MF) B x C x h0 x h0, landmarks -> B x 51 x d.
 
-    def __init__(self, channels: int, dim: int, block: int):
+    `dropout` acts on the flattened block, where the 1M-parameter embedding is most easily overfitted.
+    `input_scale` (a buffer, 1 at init) multiplies the block first: training sets it to 1 / RMS of
+    the modality's feature maps on the training samples, so that appearance and motion blocks enter
+    their embeddings on one scale (with random stems the flow's maps are ~4x smaller, and under Adam
+    a small input means a slowly learned embedding)."""
+
+    def __init__(self, channels: int, dim: int, block: int, dropout: float = 0.0):
         super().__init__()
         self.block = block
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.proj = nn.Linear(block * block * channels, dim)
+        self.register_buffer("input_scale", torch.ones(()))
 
     def forward(self, fmap: Tensor, apex_px: Tensor) -> Tensor:
         pts = landmark_to_feature(apex_px, fmap.shape[-1])  # B x 51 x 2, eq. 3
         blocks = sample_blocks(fmap, pts, self.block)  # B x 51 x C x B x B
-        return self.proj(blocks.flatten(2))  # B x 51 x d
+        return self.proj(self.drop(blocks.flatten(2) * self.input_scale))  # B x 51 x d
 
 
 class GridTokens(nn.Module):
-    """LAMiF-off substitute: fixed-grid B x B patches -> B x (h0/B)^2 x d."""
+    """LAMiF-off substitute: fixed-grid B x B patches -> B x (h0/B)^2 x d (dropout, input_scale as in
+    LocalAlignment)."""
 
-    def __init__(self, channels: int, dim: int, block: int):
+    def __init__(self, channels: int, dim: int, block: int, dropout: float = 0.0):
         super().__init__()
         self.block = block
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.proj = nn.Linear(block * block * channels, dim)
+        self.register_buffer("input_scale", torch.ones(()))
 
     def forward(self, fmap: Tensor, apex_px: Tensor | None = None) -> Tensor:
         patches = F.unfold(fmap, self.block, stride=self.block)  # B x (C*B*B) x P, (C, row, col) order
-        return self.proj(patches.transpose(1, 2))  # B x P x d
+        return self.proj(self.drop(patches.transpose(1, 2) * self.input_scale))  # B x P x d
 
 
 class SelfAttention3(nn.Module):

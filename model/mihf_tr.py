@@ -57,6 +57,7 @@ class ModelConfig:
     landmark_jitter_test: float = 0.0
     embed_norm: bool = True
     dropout: float = 0.0
+    block_dropout: float = 0.0
     scsa_init: str = "self"
 
     @classmethod
@@ -108,6 +109,7 @@ class ModelConfig:
         num("landmark_jitter_train", float, 0.0)
         num("landmark_jitter_test", float, 0.0)
         num("dropout", float, 0.0, 0.9)
+        num("block_dropout", float, 0.0, 0.9)
         choice("scsa_init", SCSA_INITS)
         for name in ("freeze_stems", "lamif", "gcmif", "embed_norm"):
             flag(name)
@@ -155,7 +157,8 @@ class MiHFTr(nn.Module):
         self.gcn = GCN(config.dim, config.gcn_layers) if "geometry" in mods else None
         if config.lamif:
             self.align = nn.ModuleDict(
-                {m: LocalAlignment(channels, config.dim, config.block) for m in image_mods}
+                {m: LocalAlignment(channels, config.dim, config.block, config.block_dropout)
+                 for m in image_mods}
             )
             self.local_fusion = build_local_fusion(
                 config.local_fusion, config.dim, config.alpha, mods, config.scsa_init
@@ -163,7 +166,7 @@ class MiHFTr(nn.Module):
             num_tokens = NUM_LANDMARKS
         else:  # no alignment, no local fusion: grid tokens of AF, MF and the GCN nodes, all to GCMiF
             self.align = nn.ModuleDict(
-                {m: GridTokens(channels, config.dim, config.block) for m in image_mods}
+                {m: GridTokens(channels, config.dim, config.block, config.block_dropout) for m in image_mods}
             )
             self.local_fusion = None
             grid = (self.h0 // config.block) ** 2
@@ -245,9 +248,12 @@ def prepare_batch(
 
 
 def components(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) per component: top-level children, ModuleDicts split (align_appearance, ...)."""
+    """(name, module) per component: top-level children with parameters, ModuleDicts split
+    (align_appearance, ...)."""
     out: list[tuple[str, nn.Module]] = []
     for name, child in model.named_children():
+        if not any(True for _ in child.parameters()):
+            continue  # dropout
         if isinstance(child, nn.ModuleDict):
             out += [(f"{name}_{sub}", mod) for sub, mod in child.items()]
         else:

@@ -102,6 +102,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # AdamW (decoupled); 0 = the paper's Adam
     mirror: bool = False  # horizontal mirror of apex, flow (u negated) and landmarks, p = 0.5
     flow_jitter: float = 0.0  # flow magnitude x exp(U(-j, j)) per training sample
+    balance_inputs: bool = False  # scale each modality's blocks to unit RMS on the training samples
     stem_batch: int = 16  # samples per batch when caching frozen stem features (memory only)
 
     @classmethod
@@ -124,8 +125,9 @@ class TrainConfig:
             low = 0 if name == "seed" else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise PipelineError(f"train.{name} must be an integer >= {low}, got {value!r}")
-        if not isinstance(self.mirror, bool):
-            raise PipelineError(f"train.mirror must be true or false, got {self.mirror!r}")
+        for name in ("mirror", "balance_inputs"):
+            if not isinstance(getattr(self, name), bool):
+                raise PipelineError(f"train.{name} must be true or false, got {getattr(self, name)!r}")
         for name, low in (("lr", 0.0), ("lr_gamma", 0.0), ("weight_decay", 0.0), ("flow_jitter", 0.0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
@@ -260,6 +262,9 @@ def fit_net(train_idx: np.ndarray, seed: int, tick: bool = True) -> tuple[MiHFTr
     net = MiHFTr(model_cfg, num_classes)
     net.load_state_dict(s["stem_state"], strict=False)  # the stems that made the cached AF / MF
     net.to(device)
+    if cfg.balance_inputs:
+        for modality, rms in map_rms(net, train_idx).items():
+            net.align[modality].input_scale.fill_(1.0 / max(rms, 1e-12))
     counts = np.bincount(labels[train_idx], minlength=num_classes)
     loss_fn = build_loss(model_cfg.loss, model_cfg.gamma, counts).to(device)
     params = [p for p in net.parameters() if p.requires_grad]
@@ -286,6 +291,25 @@ def fit_net(train_idx: np.ndarray, seed: int, tick: bool = True) -> tuple[MiHFTr
         if tick:
             _tick()
     return net.eval(), losses, lrs
+
+
+def map_rms(net: MiHFTr, idx: np.ndarray) -> dict[str, float]:
+    """Root mean square of the appearance / motion feature maps (AF, MF) over samples idx, as the
+    stems give them before training (the cached maps, or the stems run once without gradients)."""
+    s = _STATE
+    total: dict[str, float] = {}
+    batch = s["train"].batch_size
+    net.eval()  # batch norm of trainable stems: statistics untouched
+    with torch.no_grad():
+        for start in range(0, len(idx), batch):
+            a, b, _ = _inputs(idx[start:start + batch])
+            if not s["cached"]:
+                a, b = net.stems(a, b)
+            for modality, fmap in (("appearance", a), ("motion", b)):
+                if fmap is not None:
+                    total[modality] = total.get(modality, 0.0) + float(fmap.double().pow(2).mean(
+                        dim=(1, 2, 3)).sum())
+    return {m: (v / len(idx)) ** 0.5 for m, v in total.items() if m in net.align}
 
 
 def predict(net: MiHFTr, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

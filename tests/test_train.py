@@ -119,7 +119,7 @@ def test_results_do_not_depend_on_the_number_of_workers(frozen: bool):
     cfg = train.TrainConfig(device="cpu", epochs=1, batch_size=4, lr_step=1)
     model_cfg = ModelConfig(dim=16, block=2, freeze_stems=frozen)
     state = dict(train=cfg, model=model_cfg, device=torch.device("cpu"), labels=labels, num_classes=3,
-                 cached=frozen, features_device=torch.device("cpu"),
+                 cached=frozen, features_device=torch.device("cpu"), stem_state={},
                  landmarks=torch.rand(n, 51, 4, generator=g) * 224)
     if frozen:
         state.update(af=torch.randn(n, 256, 56, 56, generator=g), mf=torch.randn(n, 256, 56, 56, generator=g))
@@ -137,6 +137,69 @@ def test_results_do_not_depend_on_the_number_of_workers(frozen: bool):
     train._STATE.clear()
     for a, b in zip(*outs):
         assert a.probs.tobytes() == b.probs.tobytes() and a.losses == b.losses
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_fold_model_runs_end_to_end_like_the_cached_forward(mirror: bool):
+    """A fold model holds the stems that made the cached AF / MF: its end-to-end forward on the
+    HDF5 arrays equals the cached-feature forward that scored the fold."""
+    from model import ModelConfig, prepare_batch
+
+    rng = np.random.default_rng(0)
+    n = 6
+    arrays = {"apex": rng.integers(0, 256, (n, 224, 224, 3), dtype=np.uint8),
+              "flow": rng.normal(0, 1, (n, 224, 224, 2)).astype(np.float32),
+              "landmarks": rng.uniform(20, 200, (n, 51, 4)).astype(np.float32),
+              "label": np.array([0, 1, 2, 0, 1, 2])}
+    cfg = train.TrainConfig(device="cpu", epochs=1, batch_size=4, lr_step=1, mirror=mirror, flow_jitter=0.1,
+                            balance_inputs=mirror)
+    model_cfg = ModelConfig(dim=16, block=2, freeze_stems=True, dropout=0.1)
+    train.setup_state(cfg, model_cfg, torch.device("cpu"), arrays, 3)
+    try:
+        assert len(train._STATE["af"]) == (2 * n if mirror else n)
+        net, losses, _ = train.fit_net(np.arange(4), seed=7, tick=False)
+        probs, _ = train.predict(net, np.arange(n))
+    finally:
+        train._STATE.clear()
+    assert np.isfinite(losses).all()
+    scales = [float(net.align[m].input_scale) for m in ("appearance", "motion")]
+    assert (scales[0] != 1.0 and scales[1] != 1.0) if mirror else scales == [1.0, 1.0]
+    with torch.no_grad():
+        logits = net(*prepare_batch(arrays["apex"], arrays["flow"], arrays["landmarks"], "cpu"))
+    np.testing.assert_allclose(torch.softmax(logits.double(), -1).numpy(), probs, atol=1e-5)
+
+
+def test_composite_gets_per_dataset_scores_and_panels(tmp_path, monkeypatch):
+    """Subjects of two datasets (as megc2019 prefixes them): loso.json has `per_dataset`, pooled
+    per dataset, and the confusion figure a panel per dataset."""
+    from PIL import Image
+
+    from stages.common import write_h5
+
+    rng = np.random.default_rng(1)
+    subjects = np.array(["casme2_sub01", "casme2_sub02", "smic_s1", "smic_s2"] * 2)
+    n = len(subjects)
+    write_h5(tmp_path / "mix.h5", {
+        "apex": rng.integers(0, 256, (n, 224, 224, 3), dtype=np.uint8),
+        "flow": rng.normal(0, 1, (n, 224, 224, 2)).astype(np.float32),
+        "landmarks": rng.uniform(20, 200, (n, 51, 4)).astype(np.float32),
+        "label": np.array([0, 1, 2, 0, 1, 2, 0, 1]), "subject": subjects,
+        "sample": np.array([f"clip{i}" for i in range(n)])}, {"classes": ["negative", "positive", "surprise"],
+                                                               "dataset": "megc2019"})
+    monkeypatch.chdir(tmp_path)
+    params = {"workers": 1, "model": {"dim": 16, "block": 2},
+              "train": {"device": "cpu", "epochs": 1, "batch_size": 4, "lr_step": 1}}
+    loso = train.evaluate(params, tmp_path / "mix.h5")
+    y = np.array([0, 1, 2, 0, 1, 2, 0, 1])
+    pred = np.array([r["pred"] for r in csv.DictReader(open(tmp_path / "metrics/predictions.csv"))])
+    classes = ["negative", "positive", "surprise"]
+    for member in ("casme2", "smic"):
+        rows = np.char.startswith(subjects, member)
+        expected = metrics.pooled_scores(y[rows], [classes.index(p) for p in pred[rows]], classes)
+        assert loso["per_dataset"][member]["n"] == 4
+        assert loso["per_dataset"][member]["uf1"] == pytest.approx(expected["uf1"])
+    width = Image.open(tmp_path / "metrics/confusion.png").size[0]
+    assert width > 2.5 * 100 * (1.2 * 3 + 2.5)  # three panels: composite, casme2, smic
 
 
 # ---- the DVC stage, end to end --------------------------------------------------------------------
@@ -157,7 +220,7 @@ def train_project(tiny_project: Path, tmp_path_factory: pytest.TempPathFactory) 
 def test_train_stage_end_to_end(train_project: Path):
     project = train_project
     first = run(["dvc", "repro"], project)
-    assert ran_stages(first.stdout) == ["train", "tsne"], first.stdout
+    assert sorted(ran_stages(first.stdout)) == ["baselines", "fit", "train", "tsne"], first.stdout
     loso = json.loads((project / "metrics/loso.json").read_text())
     assert {"uf1", "uar", "accuracy", "per_class", "per_fold_mean", "n_samples", "n_subjects", "n_folds",
             "n_params"} <= set(loso)
@@ -207,9 +270,55 @@ def test_train_stage_end_to_end(train_project: Path):
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "train baseline"], project)
     exp = run(["dvc", "exp", "run", "-S", "train.lr=0.01"], project)
-    assert ran_stages(exp.stdout) == ["train", "tsne"], exp.stdout
+    assert sorted(ran_stages(exp.stdout)) == ["fit", "train", "tsne"], exp.stdout
     params_diff = json.loads(run(["dvc", "params", "diff", "--json"], project).stdout)
     lr = params_diff["params.yaml"]["train.lr"]
     assert (lr["old"], lr["new"]) == (0.001, 0.01)
     metrics_diff = json.loads(run(["dvc", "metrics", "diff", "--all", "--json"], project).stdout)
     assert "uf1" in metrics_diff["metrics/loso.json"]
+
+
+def test_baselines_stage_scores_linear_probes_on_the_same_folds(train_project: Path):
+    from stages.baselines import cell_features, landmark_features
+
+    run(["dvc", "repro", "baselines"], train_project)
+    scores = json.loads((train_project / "metrics/baselines.json").read_text())
+    assert set(scores) == {"flow_cells", "flow_landmarks"}
+    for probe in scores.values():
+        assert 0 <= probe["uf1"] <= 1 and 0 <= probe["uar"] <= 1
+        assert sum(c["support"] for c in probe["per_class"].values()) == len(read_h5(
+            train_project / "data/processed/synthetic.h5", ["label"])[0]["label"])
+    # the features: cell means and landmark-window means of a known flow
+    flow = np.zeros((1, 224, 224, 2), np.float32)
+    flow[0, :112, :, 0] = 1.0  # top half moves right
+    cells = cell_features(flow, 8).reshape(8, 8, 2)
+    assert (cells[:4, :, 0] == 1).all() and (cells[4:] == 0).all()
+    landmarks = np.zeros((1, 51, 4), np.float32)
+    landmarks[0, :, 2:] = [[50, 40]] * 25 + [[50, 180]] * 26  # apex x, y
+    at = landmark_features(flow, landmarks, 16).reshape(51, 2)
+    assert (at[:25, 0] == 1).all() and (at[25:] == 0).all()
+
+
+def test_fit_stage_writes_a_final_model_that_predicts_like_its_card_says(train_project: Path):
+    from model import prepare_batch
+    from model.checkpoint import load_checkpoint
+
+    run(["dvc", "repro", "fit"], train_project)
+    net, info = load_checkpoint(train_project / "models/mihf_tr.pt")
+    card = json.loads((train_project / "models/mihf_tr.json").read_text())
+    arrays, attrs = read_h5(train_project / "data/processed/synthetic.h5",
+                            ["apex", "flow", "landmarks", "label", "subject"])
+    assert info["classes"] == card["classes"] == json.loads(attrs["classes"])
+    assert card["n_samples"] == len(arrays["label"]) and card["n_subjects"] == len(set(arrays["subject"]))
+    loso = json.loads((train_project / "metrics/loso.json").read_text())
+    assert card["loso"]["uf1"] == loso["uf1"] and len(card["params_sha256"]) == 64
+    assert info["params"]["magnify"]["method"] == "phase" and "frames" in info["params"]
+    with torch.no_grad():
+        probs = torch.softmax(net(*prepare_batch(arrays["apex"], arrays["flow"], arrays["landmarks"],
+                                                 "cpu")), -1)
+    assert probs.shape == (len(arrays["label"]), len(info["classes"])) and torch.isfinite(probs).all()
+    # a predict-only change (no params of fit) reruns nothing; retraining gives the same bytes
+    before = (train_project / "models/mihf_tr.pt").read_bytes()
+    assert "fit" not in ran_stages(run(["dvc", "repro", "fit"], train_project).stdout)
+    run(["dvc", "repro", "-f", "-s", "fit"], train_project)
+    assert (train_project / "models/mihf_tr.pt").read_bytes() == before
