@@ -21,10 +21,12 @@ import yaml
 from conftest import REPO
 from test_bad_input import error_line
 
-from model import MiHFTr, ModelConfig, prepare_batch
+from model import MiHFTr, prepare_batch
 from model.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from stages import predict
+from stages.common import read_h5, write_h5
 from stages.datasets import Sample, get_dataset
+from stages.fit import fit_final
 from stages.frames import FrameJob, read_pair
 from stages.preprocess import face_models, preprocess_pair
 
@@ -46,12 +48,17 @@ def project(tiny_project: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def model_file(project: dict, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, MiHFTr]:
-    """A tiny final model (untrained: stage `fit` trains it), saved as `fit` saves it."""
-    torch.manual_seed(0)
-    net = MiHFTr(ModelConfig.from_params(project["params"]["model"]), len(project["classes"])).eval()
-    path = tmp_path_factory.mktemp("model") / "mihf_tr.pt"
-    save_checkpoint(path, net, project["classes"], project["params"], {"samples": 0})
+def model_file(project: dict, tiny_project: Path, tmp_path_factory: pytest.TempPathFactory
+               ) -> tuple[Path, MiHFTr]:
+    """A tiny final model trained by stage `fit`'s code on every row but ROWS (held out), saved as
+    `fit` saves it."""
+    folder = tmp_path_factory.mktemp("model")
+    arrays, attrs = read_h5(tiny_project / "data" / "processed" / "synthetic.h5")
+    keep = np.setdiff1d(np.arange(len(arrays["label"])), ROWS)
+    write_h5(folder / "train.h5", {k: v[keep] for k, v in arrays.items()}, attrs)
+    net, card, classes = fit_final(project["params"], folder / "train.h5")
+    path = folder / "mihf_tr.pt"
+    save_checkpoint(path, net, classes, project["params"], card)
     return path, net
 
 
@@ -160,14 +167,15 @@ def test_model_file_round_trip_and_stable_bytes(project: dict, model_file: tuple
     loaded, info = load_checkpoint(path)
     assert not loaded.training
     assert info["format"] == FORMAT and info["classes"] == project["classes"]
-    assert info["model_config"] == asdict(net.config) and info["extra"] == {"samples": 0}
+    assert info["model_config"] == asdict(net.config)
+    assert info["extra"]["epochs"] == project["params"]["train"]["epochs"]
     assert set(info["params"]) == {"data", "frames", "magnify", "flow", "landmarks"}
     assert info["params"]["flow"] == project["params"]["flow"]
     assert "torch" in info["versions"]
     for key, value in net.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     again = tmp_path / "again.pt"
-    save_checkpoint(again, net, project["classes"], project["params"], {"samples": 0})
+    save_checkpoint(again, net, project["classes"], project["params"], info["extra"])
     assert again.read_bytes() == path.read_bytes()
     save_checkpoint(again, net, project["classes"], project["params"], {"uf1": np.float64(0.5)})
     assert load_checkpoint(again)[1]["extra"] == {"uf1": 0.5}  # numpy scalars saved as plain numbers
