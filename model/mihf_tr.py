@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from model.augment import mirror_flow, mirror_images, mirror_landmarks
 from model.gcmif import GLOBAL_FUSIONS, TRANSFORMER_HEADS, GCMiF
 from model.gcn import GCN, NUM_LANDMARKS
 from model.lamif import LOCAL_FUSIONS, MODALITIES, SCSA_INITS, GridTokens, LocalAlignment, build_local_fusion
@@ -58,6 +59,7 @@ class ModelConfig:
     embed_norm: bool = True
     dropout: float = 0.0
     block_dropout: float = 0.0
+    mirror_test: bool = False
     scsa_init: str = "self"
 
     @classmethod
@@ -111,7 +113,7 @@ class ModelConfig:
         num("dropout", float, 0.0, 0.9)
         num("block_dropout", float, 0.0, 0.9)
         choice("scsa_init", SCSA_INITS)
-        for name in ("freeze_stems", "lamif", "gcmif", "embed_norm"):
+        for name in ("freeze_stems", "lamif", "gcmif", "embed_norm", "mirror_test"):
             flag(name)
         choice("local_fusion", LOCAL_FUSIONS)
         choice("global_fusion", GLOBAL_FUSIONS)
@@ -231,7 +233,14 @@ class MiHFTr(nn.Module):
 
     def forward(self, apex: Tensor | None, flow: Tensor | None, landmarks: Tensor) -> Tensor:
         af, mf = self.stems(apex, flow)
-        return self.head(af, mf, landmarks)
+        logits = self.head(af, mf, landmarks)
+        if self.training or not self.config.mirror_test:
+            return logits
+        # eval with mirror_test: mean of the logits of the sample and of its mirror image (model/augment.py)
+        width = next(x for x in (apex, flow) if x is not None).shape[-1]
+        af, mf = self.stems(None if apex is None else mirror_images(apex),
+                            None if flow is None else mirror_flow(flow))
+        return (logits + self.head(af, mf, mirror_landmarks(landmarks, width))) / 2
 
 
 def prepare_batch(

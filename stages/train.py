@@ -319,8 +319,11 @@ def predict(net: MiHFTr, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     net.eval()
     with torch.no_grad():
         for start in range(0, len(idx), batch):
-            a, b, lm = _inputs(idx[start:start + batch])
-            logits, f_me = _forward_features(net, a, b, lm)
+            chunk = idx[start:start + batch]
+            logits, f_me = _forward_features(net, *_inputs(chunk))
+            if net.config.mirror_test:  # as MiHFTr.forward: the mean over the sample and its mirror image
+                logits_m, f_me_m = _forward_features(net, *_inputs(chunk, np.ones(len(chunk), bool)))
+                logits, f_me = (logits + logits_m) / 2, (f_me + f_me_m) / 2
             probs.append(torch.softmax(logits.double(), dim=-1).cpu().numpy())
             features.append(f_me.float().cpu().numpy())
     return np.concatenate(probs), np.concatenate(features)
@@ -404,7 +407,7 @@ def setup_state(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device, 
                 num_classes: int) -> int:
     """Fill _STATE for fit_net / predict: the stems every fold shares (initialised from (train.seed, 0),
     or the pretrained weights) and, with frozen stems, their AF / MF of every sample (and of its
-    mirror image when train.mirror), computed once. Returns the model's parameter count."""
+    mirror image when train.mirror or model.mirror_test), computed once. Returns the parameter count."""
     torch.manual_seed(derive_seed(cfg.seed, 0))
     try:
         stem_net = MiHFTr(model_cfg, num_classes)
@@ -418,11 +421,12 @@ def setup_state(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device, 
     landmarks = torch.from_numpy(np.ascontiguousarray(arrays["landmarks"], np.float32))
     if model_cfg.freeze_stems:
         stem_net.to(device)
-        views = [False, True] if cfg.mirror else [False]
+        mirrored_views = cfg.mirror or model_cfg.mirror_test
+        views = [False, True] if mirrored_views else [False]
         maps = [stem_features(stem_net, arrays["apex"], arrays["flow"], arrays["landmarks"], device,
                               cfg.stem_batch, mirrored) for mirrored in views]
         af, mf = (torch.cat(parts) if parts[0] is not None else None for parts in zip(*maps))
-        if cfg.mirror:
+        if mirrored_views:
             landmarks = torch.cat([landmarks, mirror_landmarks(landmarks, _STATE["width"])])
         where = next((x.device for x in (af, mf) if x is not None), device)
         _STATE.update(af=af, mf=mf, features_device=where, landmarks=landmarks.to(where))

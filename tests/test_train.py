@@ -153,7 +153,7 @@ def test_fold_model_runs_end_to_end_like_the_cached_forward(mirror: bool):
               "label": np.array([0, 1, 2, 0, 1, 2])}
     cfg = train.TrainConfig(device="cpu", epochs=1, batch_size=4, lr_step=1, mirror=mirror, flow_jitter=0.1,
                             balance_inputs=mirror)
-    model_cfg = ModelConfig(dim=16, block=2, freeze_stems=True, dropout=0.1)
+    model_cfg = ModelConfig(dim=16, block=2, freeze_stems=True, dropout=0.1, mirror_test=mirror)
     train.setup_state(cfg, model_cfg, torch.device("cpu"), arrays, 3)
     try:
         assert len(train._STATE["af"]) == (2 * n if mirror else n)
