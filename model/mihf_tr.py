@@ -29,7 +29,7 @@ from model.gcmif import GLOBAL_FUSIONS, TRANSFORMER_HEADS, GCMiF
 from model.gcn import GCN, NUM_LANDMARKS
 from model.lamif import LOCAL_FUSIONS, MODALITIES, SCSA_INITS, GridTokens, LocalAlignment, build_local_fusion
 from model.loss import LOSSES
-from model.stems import VALID_LAYERS, Stem, stem_geometry
+from model.stems import IMAGE_SIZE, VALID_LAYERS, Stem, stem_geometry
 
 
 def _default_modalities() -> list[str]:
@@ -54,13 +54,13 @@ class ModelConfig:
     global_fusion: str = "sa"
     loss: str = "cw-focal"
     gamma: float = 2.0
-    landmark_jitter_train: float = 0.0
+    landmark_jitter_train: float = 1.0
     landmark_jitter_test: float = 0.0
     embed_norm: bool = True
+    scsa_init: str = "self"
     dropout: float = 0.0
     block_dropout: float = 0.0
-    mirror_test: bool = False
-    scsa_init: str = "self"
+    mirror_test: bool = True
 
     @classmethod
     def from_params(cls, section: dict[str, Any] | None) -> ModelConfig:
@@ -237,7 +237,7 @@ class MiHFTr(nn.Module):
         if self.training or not self.config.mirror_test:
             return logits
         # eval with mirror_test: mean of the logits of the sample and of its mirror image (model/augment.py)
-        width = next(x for x in (apex, flow) if x is not None).shape[-1]
+        width = next((x.shape[-1] for x in (apex, flow) if x is not None), IMAGE_SIZE)
         af, mf = self.stems(None if apex is None else mirror_images(apex),
                             None if flow is None else mirror_flow(flow))
         return (logits + self.head(af, mf, mirror_landmarks(landmarks, width))) / 2

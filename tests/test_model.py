@@ -137,13 +137,20 @@ def test_every_loss_on_model_output(loss, feats):
 
 
 def test_full_forward_and_stems_shapes():
-    model = MiHFTr(ModelConfig(), num_classes=4).eval()
+    model = MiHFTr(ModelConfig(mirror_test=False), num_classes=4).eval()
     apex, flow = torch.rand(B, 3, 224, 224), torch.randn(B, 2, 224, 224)
     af, mf = model.stems(apex, flow)
     assert af.shape == mf.shape == (B, 256, 56, 56)
     with torch.no_grad():
         logits = model(apex, flow, landmarks_batch(B))
         assert torch.allclose(logits, model.head(af, mf, landmarks_batch(B)), atol=1e-5)
+        # mirror_test: the mean of the logits of the sample and of its mirror image
+        from model.augment import mirror_flow, mirror_images, mirror_landmarks
+
+        model.config.mirror_test = True
+        af_m, mf_m = model.stems(mirror_images(apex), mirror_flow(flow))
+        mirrored = model.head(af_m, mf_m, mirror_landmarks(landmarks_batch(B), 224))
+        assert torch.allclose(model(apex, flow, landmarks_batch(B)), (logits + mirrored) / 2, atol=1e-5)
     assert logits.shape == (B, 4)
     only_geo = MiHFTr(ModelConfig(modalities=["geometry"]), 3)
     assert only_geo.stems(None, None) == (None, None)
