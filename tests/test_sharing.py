@@ -82,7 +82,8 @@ def lab(tiny_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Lab:
     assert_clean(a, "pack")  # `dvc repro` already stored the preprocessing outputs in A's cache
     run(["dvc", "remote", "add", "-d", "shared", str(remote)], a)
     trained = run(["dvc", "repro"], a)
-    assert running_stages(trained.stdout) == {"train", "tsne", "eval_magnification"}, trained.stdout
+    assert running_stages(trained.stdout) == {"train", "fit", "baselines", "tsne", "eval_magnification"}, \
+        trained.stdout
     run(["git", "add", "-A"], a)
     run(["git", "commit", "-qm", "preprocessed + tiny training"], a)
     run(["dvc", "push"], a)
@@ -177,7 +178,7 @@ def lr_change(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> ParamChange
 
 def test_training_param_reruns_only_train_on_a_s_preprocessing(lab: Lab, lr_change: ParamChange) -> None:
     b = lr_change.b
-    assert running_stages(lr_change.exp_output) == {"train", "tsne"}, lr_change.exp_output
+    assert running_stages(lr_change.exp_output) == {"train", "fit", "tsne"}, lr_change.exp_output
     assert h5_digests(b) == h5_digests(lab.a)
     a_lock, b_lock = lock_stages(lab.a, lab.rev), lock_stages(b)
     assert {k: b_lock[k] for k in PREPROCESSING} == {k: a_lock[k] for k in PREPROCESSING}

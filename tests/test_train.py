@@ -117,7 +117,7 @@ def test_results_do_not_depend_on_the_number_of_workers(frozen: bool):
     n, subjects = 9, np.array(["s1", "s2", "s3"] * 3)
     labels = np.array([0, 1, 2, 1, 2, 0, 2, 0, 1])
     cfg = train.TrainConfig(device="cpu", epochs=1, batch_size=4, lr_step=1)
-    model_cfg = ModelConfig(dim=16, block=2, freeze_stems=frozen)
+    model_cfg = ModelConfig(dim=16, block=2, freeze_stems=frozen, mirror_test=False)
     state = dict(train=cfg, model=model_cfg, device=torch.device("cpu"), labels=labels, num_classes=3,
                  cached=frozen, features_device=torch.device("cpu"), stem_state={},
                  landmarks=torch.rand(n, 51, 4, generator=g) * 224)
