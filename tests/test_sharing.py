@@ -111,13 +111,17 @@ def test_repro_pull_restores_preprocessing_instead_of_running_it(lab: Lab, tmp_p
     if not keep_lock:  # then nothing can be pulled by hash: only the run-cache can skip the stages
         (b / "dvc.lock").unlink()
     result = run(["dvc", "repro", "--pull", "pack"], b)
-    assert running_stages(result.stdout) == set(), result.stdout
+    # without dvc.lock, the magnifier's git-tracked weights (cache: false) cannot be known up to date
+    # from the run-cache: that stage reruns (same bytes), everything else is restored
+    rerun = set() if keep_lock else {"train_magnifier"}
+    assert running_stages(result.stdout) == rerun, result.stdout
     restored = pulled_stages(result.stdout) if keep_lock else run_cached_stages(result.stdout)
-    assert restored == PREPROCESSING, result.stdout
+    assert restored == PREPROCESSING - {"train_magnifier"}, result.stdout  # git carries its weights
     assert h5_digests(b) == h5_digests(lab.a)
     expected = lock_stages(lab.a)
     if not keep_lock:
-        for stage in ("train", "tsne", "eval_magnification"):  # `dvc repro pack` relocks preprocessing only
+        # `dvc repro pack` relocks preprocessing only
+        for stage in ("train", "fit", "baselines", "tsne", "eval_magnification"):
             del expected[stage]
     assert lock_stages(b) == expected
     assert_clean(b, "pack")
