@@ -32,7 +32,7 @@ from model import prepare_batch
 from model.checkpoint import load_checkpoint
 from model.lamif import SCSA
 from model.mihf_tr import MiHFTr
-from stages.common import PipelineError, atomic_path, run_main, single_threaded_opencv
+from stages.common import PipelineError, atomic_path, run_main
 from stages.frames import FrameJob, read_pair
 from stages.preprocess import FaceModels, face_models, preprocess_pair
 
@@ -137,14 +137,13 @@ def load_model(path: Path | str, device: str) -> tuple[MiHFTr, dict[str, Any], F
 
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
-    """OpenCV and torch on one thread, as in the stages (parallel_map), so the code path that wrote the
-    HDF5 also runs on the same threading. It is faster too: torch's second thread made the model ~10x
-    slower whenever another process held a core (README, "Predict")."""
+    """torch on one thread: its second thread made the model ~10x slower whenever another process held
+    a core (README, "Predict"). OpenCV keeps its threads: TV-L1, 3/4 of a prediction, runs on every
+    core, and gives the same bytes as the stages' one-thread workers (tests/test_predict.py)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with single_threaded_opencv():
-            yield
+        yield
     finally:
         torch.set_num_threads(threads)
 
