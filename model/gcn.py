@@ -22,12 +22,17 @@ displacement divided by DISPLACEMENT_SCALE_PX = 2 px (movements are a few pixels
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from model.stems import remove_drift
 
 NUM_LANDMARKS = 51
 DLIB_OFFSET = 17
 DISPLACEMENT_SCALE_PX = 2.0
 HALF = 112.0  # half the 224 crop
+TRACK_WINDOW_PX = 17  # odd, so the square is centred on the point and mirror-symmetric (~ a LAMiF block)
+APEX_LANDMARKS = ("flow", "dlib")
 
 
 def _chain(*pts: int) -> list[tuple[int, int]]:
@@ -54,6 +59,24 @@ DLIB_EDGES: list[tuple[int, int]] = (
     + [(17, 26), (19, 24), (21, 22), (36, 45), (39, 42), (48, 54)]
 )
 EDGES: list[tuple[int, int]] = [(a - DLIB_OFFSET, b - DLIB_OFFSET) for a, b in DLIB_EDGES]
+
+
+def track_apex(landmarks: Tensor, flow: Tensor, window: int = TRACK_WINDOW_PX) -> Tensor:
+    """B x 51 x 4 landmarks, B x 2 x H x W flow -> B x 51 x 4 whose apex points are the onset points
+    carried by the flow: onset + the mean drift-free flow in a window x window square around each.
+
+    dlib fits the apex on its own, in whole pixels, on the un-magnified apex crop; the flow goes to
+    the magnified apex, sub-pixel. Tracking gives apex points that sit on the frame the flow and the
+    appearance come from, with displacements the size of the (magnified) movement.
+    """
+    local = F.avg_pool2d(remove_drift(flow), window, stride=1, padding=window // 2,
+                         count_include_pad=False)  # B x 2 x H x W
+    onset = landmarks[..., 0:2]  # B x 51 x 2 (x, y), pixel centres
+    h, w = flow.shape[-2:]
+    scale = torch.tensor([2.0 / (w - 1), 2.0 / (h - 1)], dtype=onset.dtype, device=onset.device)
+    grid = (onset * scale - 1)[:, :, None]  # B x 51 x 1 x 2 in [-1, 1]
+    moved = F.grid_sample(local, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return torch.cat([onset, onset + moved[..., 0].transpose(1, 2)], dim=-1)  # B x 51 x 4
 
 
 def node_features(landmarks: Tensor) -> Tensor:

@@ -8,9 +8,14 @@ Data flow at the paper settings (B = batch):
     --linear--> logits B x C (softmax in the loss).
 `stems` and `head` are separate so that training with frozen stems can compute AF/MF once.
 
-Landmark jitter (Table 9): each landmark position, onset and apex independently (dlib detects
-them independently), moves by exactly e crop pixels in a uniformly random direction ("randomly
-deviating from the coordinate by e pixels"). `landmark_jitter_train` applies in train mode,
+Apex landmarks (`apex_landmarks`): `dlib` uses the HDF5's points as they are (dlib on the onset
+and on the un-magnified apex, whole pixels); `flow` (default) keeps the onset points and carries them
+by the flow onto the magnified apex (model/gcn.py `track_apex`), for the GCN and the LAMiF blocks.
+
+Landmark jitter (Table 9): each landmark position moves by exactly e crop pixels in a uniformly
+random direction ("randomly deviating from the coordinate by e pixels"): onset and apex
+independently with `dlib` points (detected independently), by one offset with `flow` points (the
+apex point is the onset point tracked). `landmark_jitter_train` applies in train mode,
 `landmark_jitter_test` in eval mode, both drawn from torch's global RNG (seed it to repeat).
 """
 
@@ -26,7 +31,7 @@ from torch import Tensor, nn
 
 from model.augment import mirror_flow, mirror_images, mirror_landmarks
 from model.gcmif import GLOBAL_FUSIONS, TRANSFORMER_HEADS, GCMiF
-from model.gcn import GCN, NUM_LANDMARKS
+from model.gcn import APEX_LANDMARKS, GCN, NUM_LANDMARKS, track_apex
 from model.lamif import LOCAL_FUSIONS, MODALITIES, SCSA_INITS, GridTokens, LocalAlignment, build_local_fusion
 from model.loss import LOSSES
 from model.stems import IMAGE_SIZE, VALID_LAYERS, Stem, stem_geometry
@@ -61,6 +66,7 @@ class ModelConfig:
     dropout: float = 0.0
     block_dropout: float = 0.0
     mirror_test: bool = True
+    apex_landmarks: str = "flow"
 
     @classmethod
     def from_params(cls, section: dict[str, Any] | None) -> ModelConfig:
@@ -113,6 +119,7 @@ class ModelConfig:
         num("dropout", float, 0.0, 0.9)
         num("block_dropout", float, 0.0, 0.9)
         choice("scsa_init", SCSA_INITS)
+        choice("apex_landmarks", APEX_LANDMARKS)
         for name in ("freeze_stems", "lamif", "gcmif", "embed_norm", "mirror_test"):
             flag(name)
         choice("local_fusion", LOCAL_FUSIONS)
@@ -135,12 +142,15 @@ class ModelConfig:
             raise ValueError(f"model.block {self.block} is larger than the feature map")
 
 
-def jitter_landmarks(landmarks: Tensor, e: float, generator: torch.Generator | None = None) -> Tensor:
-    """Move every (x, y) point (onset and apex independently) by exactly e px in a random direction."""
+def jitter_landmarks(landmarks: Tensor, e: float, generator: torch.Generator | None = None,
+                     together: bool = False) -> Tensor:
+    """Move every (x, y) point by exactly e px in a random direction: onset and apex independently
+    (each detected on its own), or `together` (the apex point is the onset point tracked)."""
     if e <= 0:
         return landmarks
     pts = landmarks.unflatten(-1, (2, 2))  # B x 51 x 2 (onset, apex) x 2 (x, y)
-    theta = torch.rand(pts.shape[:-1], generator=generator, device=landmarks.device) * (2 * math.pi)
+    shape = (*pts.shape[:-2], 1) if together else pts.shape[:-1]
+    theta = torch.rand(shape, generator=generator, device=landmarks.device) * (2 * math.pi)
     offset = torch.stack([theta.cos(), theta.sin()], dim=-1).to(landmarks.dtype) * e
     return (pts + offset).flatten(-2)
 
@@ -202,13 +212,23 @@ class MiHFTr(nn.Module):
         mf = self.stem_motion(flow) if self.stem_motion is not None else None
         return af, mf
 
+    def landmarks(self, flow: Tensor | None, landmarks: Tensor) -> Tensor:
+        """The landmarks the head uses: the HDF5's (`apex_landmarks: dlib`) or their onset points with
+        the apex points tracked by the flow (`flow`, model/gcn.py track_apex). B x 51 x 4 px."""
+        if self.config.apex_landmarks == "dlib":
+            return landmarks
+        if flow is None:
+            raise ValueError("model.apex_landmarks: flow needs the flow")
+        return track_apex(landmarks, flow)
+
     def head(
         self, af: Tensor | None, mf: Tensor | None, landmarks: Tensor, return_features: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """AF, MF (None where the modality is off), landmarks B x 51 x 4 px -> logits B x C (, F_ME B x d)."""
+        """AF, MF (None where the modality is off), the head's landmarks B x 51 x 4 px (`landmarks`)
+        -> logits B x C (, F_ME B x d)."""
         cfg = self.config
         e = cfg.landmark_jitter_train if self.training else cfg.landmark_jitter_test
-        lm = jitter_landmarks(landmarks, e)
+        lm = jitter_landmarks(landmarks, e, together=cfg.apex_landmarks == "flow")
         apex_px = lm[..., 2:4]  # B x 51 x 2 (x, y), crop pixels
         maps = {"appearance": af, "motion": mf}
         feats: dict[str, Tensor] = {}
@@ -233,14 +253,15 @@ class MiHFTr(nn.Module):
 
     def forward(self, apex: Tensor | None, flow: Tensor | None, landmarks: Tensor) -> Tensor:
         af, mf = self.stems(apex, flow)
-        logits = self.head(af, mf, landmarks)
+        logits = self.head(af, mf, self.landmarks(flow, landmarks))
         if self.training or not self.config.mirror_test:
             return logits
         # eval with mirror_test: mean of the logits of the sample and of its mirror image (model/augment.py)
         width = next((x.shape[-1] for x in (apex, flow) if x is not None), IMAGE_SIZE)
-        af, mf = self.stems(None if apex is None else mirror_images(apex),
-                            None if flow is None else mirror_flow(flow))
-        return (logits + self.head(af, mf, mirror_landmarks(landmarks, width))) / 2
+        apex_m = None if apex is None else mirror_images(apex)
+        flow_m = None if flow is None else mirror_flow(flow)
+        af, mf = self.stems(apex_m, flow_m)
+        return (logits + self.head(af, mf, self.landmarks(flow_m, mirror_landmarks(landmarks, width)))) / 2
 
 
 def prepare_batch(

@@ -79,6 +79,11 @@ def load_resnet50(pretrained: str | Path | None) -> torchvision.models.ResNet:
     return net
 
 
+def remove_drift(flow: Tensor) -> Tensor:
+    """B x 2 x H x W flow minus each sample's median (u, v): the head drift (module docstring)."""
+    return flow - flow.flatten(2).median(dim=2).values[..., None, None]
+
+
 class Stem(nn.Module):
     """First `layers` layers of ResNet50 (eq. 1): B x 3 x 224 x 224 -> B x C x h0 x h0."""
 
@@ -102,7 +107,7 @@ class Stem(nn.Module):
         """Raw input -> the 3-channel normalised image the ResNet sees."""
         if self.kind == "appearance":  # B x 3 x H x W in [0, 1]
             return (x - self.mean) / self.std
-        x = x - x.flatten(2).median(dim=2).values[..., None, None]  # remove head drift (docstring)
+        x = remove_drift(x)
         u, v = x[:, 0:1], x[:, 1:2]  # B x 2 x H x W raw pixels -> B x 3 x H x W (u, v, |flow|)
         return torch.cat([u, v, torch.sqrt(u * u + v * v + 1e-12)], dim=1) / FLOW_SCALE_PX
 

@@ -201,8 +201,8 @@ def _tick() -> None:
 
 def _inputs(idx: np.ndarray, mirrored: np.ndarray | None = None,
             flow_scale: np.ndarray | None = None) -> tuple[Any, Any, torch.Tensor]:
-    """(AF, MF, landmarks) of frozen stems, or (apex, flow, landmarks) for trainable stems, on the
-    device; `mirrored` (bool per sample) and `flow_scale` (factor per sample) augment (train only)."""
+    """(AF, MF, the head's landmarks) of frozen stems, or (apex, flow, landmarks) for trainable stems,
+    on the device; `mirrored` (bool per sample) and `flow_scale` (factor per sample) augment (train only)."""
     s = _STATE
     device = s["device"]
     if s["cached"]:
@@ -246,6 +246,7 @@ def _forward(net: MiHFTr, a: Any, b: Any, lm: torch.Tensor) -> torch.Tensor:
 def _forward_features(net: MiHFTr, a: Any, b: Any, lm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, F_ME): the same arithmetic as _forward (net(...) is stems then head)."""
     if not _STATE["cached"]:
+        lm = net.landmarks(b, lm)
         a, b = net.stems(a, b)
     return net.head(a, b, lm, return_features=True)
 
@@ -384,23 +385,24 @@ def run_folds(folds: list[Fold], workers: int, epochs: int) -> list[FoldResult]:
 
 def stem_features(net: MiHFTr, apex: np.ndarray, flow: np.ndarray, landmarks: np.ndarray,
                   device: torch.device, batch: int,
-                  mirrored: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                  mirrored: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """AF, MF (N x C x h0 x h0 float32) of every sample (mirrored: of its mirror image) through the
-    frozen stems, `batch` at a time."""
+    frozen stems, and the landmarks the head uses (N x 51 x 4, `MiHFTr.landmarks`), `batch` at a time."""
     net.eval()
-    af_parts, mf_parts = [], []
+    af_parts, mf_parts, lm_parts = [], [], []
     with torch.no_grad():
         for start in tqdm(range(0, len(apex), batch), desc="stem features (mirrored)" if mirrored else
                           "stem features", unit="batch", file=sys.stderr, dynamic_ncols=True):
             sl = slice(start, start + batch)
-            a, f, _ = prepare_batch(apex[sl], flow[sl], landmarks[sl], device)
+            a, f, lm = prepare_batch(apex[sl], flow[sl], landmarks[sl], device)
             if mirrored:
-                a, f = mirror_images(a), mirror_flow(f)
+                a, f, lm = mirror_images(a), mirror_flow(f), mirror_landmarks(lm, a.shape[-1])
             af, mf = net.stems(a, f)
             af_parts.append(af)
             mf_parts.append(mf)
+            lm_parts.append(net.landmarks(f, lm))
     join = lambda parts: torch.cat(parts) if parts[0] is not None else None  # noqa: E731
-    return join(af_parts), join(mf_parts)
+    return join(af_parts), join(mf_parts), torch.cat(lm_parts)
 
 
 def setup_state(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device, arrays: dict[str, np.ndarray],
@@ -418,16 +420,12 @@ def setup_state(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device, 
                   num_classes=num_classes, cached=model_cfg.freeze_stems, n=len(arrays["label"]),
                   width=int(arrays["apex"].shape[2]),
                   stem_state={k: v for k, v in stem_net.state_dict().items() if k.startswith("stem_")})
-    landmarks = torch.from_numpy(np.ascontiguousarray(arrays["landmarks"], np.float32))
     if model_cfg.freeze_stems:
         stem_net.to(device)
-        mirrored_views = cfg.mirror or model_cfg.mirror_test
-        views = [False, True] if mirrored_views else [False]
+        views = [False, True] if cfg.mirror or model_cfg.mirror_test else [False]
         maps = [stem_features(stem_net, arrays["apex"], arrays["flow"], arrays["landmarks"], device,
                               cfg.stem_batch, mirrored) for mirrored in views]
-        af, mf = (torch.cat(parts) if parts[0] is not None else None for parts in zip(*maps))
-        if mirrored_views:
-            landmarks = torch.cat([landmarks, mirror_landmarks(landmarks, _STATE["width"])])
+        af, mf, landmarks = (torch.cat(parts) if parts[0] is not None else None for parts in zip(*maps))
         where = next((x.device for x in (af, mf) if x is not None), device)
         _STATE.update(af=af, mf=mf, features_device=where, landmarks=landmarks.to(where))
     else:
