@@ -31,11 +31,11 @@ def main() -> None:
     start = time.perf_counter()
     import torch  # imported here to time the start-up a user's first prediction pays
 
+    from mer.common import load_params
+    from mer.datasets import get_dataset
     from model import MiHFTr, ModelConfig
     from model.checkpoint import save_checkpoint
     from stages import predict
-    from stages.common import load_params
-    from stages.datasets import get_dataset
 
     imports = time.perf_counter() - start
     params = load_params(REPO / "params.yaml")

@@ -25,9 +25,10 @@ import cv2
 import numpy as np
 import yaml
 
-from stages import face, frames
-from stages.common import load_params, write_h5
-from stages.datasets import dataset_from_params
+from mer import face
+from mer.common import load_params, write_h5
+from mer.datasets import dataset_from_params
+from stages import frames
 from stages.flow import flow_pair
 from stages.landmarks import landmarks_pair
 from stages.magnify import magnify_pair

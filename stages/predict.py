@@ -28,13 +28,13 @@ import cv2
 import numpy as np
 import torch
 
+from mer.common import PipelineError, atomic_path, run_main, save_figure
+from mer.preprocess import FaceModels, face_models, preprocess_pair
 from model import prepare_batch
 from model.checkpoint import load_checkpoint
 from model.lamif import SCSA
 from model.mihf_tr import MiHFTr
-from stages.common import PipelineError, atomic_path, run_main
 from stages.frames import FrameJob, read_pair
-from stages.preprocess import FaceModels, face_models, preprocess_pair
 
 DEFAULT_MODEL = Path("models/mihf_tr.pt")
 IMAGE_SUFFIXES = {".bmp", ".jpeg", ".jpg", ".png", ".pbm", ".pgm", ".ppm", ".tif", ".tiff", ".webp"}
@@ -299,8 +299,7 @@ def explain_figure(path: Path, net: MiHFTr, info: dict[str, Any], sample: dict[s
         ax_coef.set_axis_off()
         ax_coef.set_title(f"no SC-SA weights (local fusion: {net.config.local_fusion})")
     fig.suptitle(title)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip(".").lower(), dpi=100)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ import pytest
 import yaml
 from conftest import REPO, merge
 
+from mer.common import atomic_path, run_main
 from stages import frames, landmarks
-from stages.common import atomic_path, run_main
 
 SAMPLE_DIR = "sub01"
 

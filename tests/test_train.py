@@ -15,8 +15,9 @@ from conftest import run
 from sklearn.metrics import accuracy_score, f1_score, recall_score
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
-from stages import metrics, train
-from stages.common import read_h5
+from mer import metrics
+from mer.common import read_h5
+from stages import train
 
 CLASSES = ["negative", "positive", "surprise", "other"]
 
@@ -174,7 +175,7 @@ def test_composite_gets_per_dataset_scores_and_panels(tmp_path, monkeypatch):
     per dataset, and the confusion figure a panel per dataset."""
     from PIL import Image
 
-    from stages.common import write_h5
+    from mer.common import write_h5
 
     rng = np.random.default_rng(1)
     subjects = np.array(["casme2_sub01", "casme2_sub02", "smic_s1", "smic_s2"] * 2)

@@ -42,7 +42,7 @@ from typing import Any, ClassVar
 
 import pandas as pd
 
-from stages.common import PipelineError
+from mer.common import PipelineError
 
 log = logging.getLogger(__name__)
 

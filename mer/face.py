@@ -16,7 +16,7 @@ from pathlib import Path
 import dlib
 import numpy as np
 
-from stages.common import PipelineError
+from mer.common import PipelineError
 
 PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
 CNN_FILE = "mmod_human_face_detector.dat"
