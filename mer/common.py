@@ -43,6 +43,15 @@ def stage_paths(stage: str, names: Sequence[str], argv: Sequence[str] | None = N
     return parser.parse_args(argv)
 
 
+def stage_command(project: Path | str, stage: str) -> str:
+    """The command dvc.yaml gives `stage` in `project`, templates resolved (for benchmarks and tests
+    that run a stage as `dvc repro` would)."""
+    from dvc.repo import Repo
+
+    with Repo(str(project)) as repo:
+        return next(s.cmd for s in repo.index.stages if s.name == stage)
+
+
 def run_main(main: Callable[[], None]) -> None:
     """Run a stage's main(); a PipelineError becomes one `error:` line and exit status 2."""
     try:

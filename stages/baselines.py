@@ -19,6 +19,7 @@ MEGC2019 definition as `train` (`metrics/baselines.json`, next to `metrics/loso.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -86,8 +87,8 @@ def run_baselines(arrays: dict[str, np.ndarray], classes: list[str], section: di
             for name, x in features.items()}
 
 
-def main() -> None:
-    paths = stage_paths("baselines", ["processed", "out"])
+def main(argv: Sequence[str] | None = None) -> None:
+    paths = stage_paths("baselines", ["processed", "out"], argv)
     params = load_params()
     arrays, attrs = read_h5(paths.processed, ["flow", "landmarks", "label", "subject"])
     scores = run_baselines(arrays, class_names(attrs), params["baselines"])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -171,8 +172,8 @@ def evaluate(flow_params: dict[str, Any], workers: int, weights: Path | str) -> 
             "methods": summarise(rows)}
 
 
-def main() -> None:
-    paths = stage_paths("eval_magnification", ["weights", "out", "plot"])
+def main(argv: Sequence[str] | None = None) -> None:
+    paths = stage_paths("eval_magnification", ["weights", "out", "plot"], argv)
     params = load_params()
     start = time.perf_counter()
     result = evaluate(params["flow"], params["workers"], paths.weights)

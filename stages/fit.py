@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +60,8 @@ def fit_final(params: dict[str, Any], h5_path: Path) -> tuple[MiHFTr, dict[str, 
     return net.cpu(), card, classes
 
 
-def main() -> None:
-    paths = stage_paths("fit", ["processed", "loso", "model", "card"])
+def main(argv: Sequence[str] | None = None) -> None:
+    paths = stage_paths("fit", ["processed", "loso", "model", "card"], argv)
     params = load_params()
     net, card, classes = fit_final(params, paths.processed)
     loso = json.loads(paths.loso.read_text()) if paths.loso.exists() else {}

@@ -7,6 +7,7 @@ of normalisation never invalidates this (slow) cache.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import cv2
@@ -42,8 +43,8 @@ def compute_flow(onset: np.ndarray, apex_magnified: np.ndarray, flow_params: dic
     return np.stack(parallel_map(work, list(zip(onset, apex_magnified)), workers, desc="flow"))
 
 
-def main() -> None:
-    paths = stage_paths("flow", ["frames", "magnified", "out"])
+def main(argv: Sequence[str] | None = None) -> None:
+    paths = stage_paths("flow", ["frames", "magnified", "out"], argv)
     params = load_params()
     frames, _ = read_h5(paths.frames, ["onset", "sample"])
     magnified, _ = read_h5(paths.magnified, ["apex_magnified"])

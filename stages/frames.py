@@ -156,8 +156,8 @@ def extract_frames(dataset: MicroExpressionDataset, frames_params: dict[str, Any
     return arrays, no_face
 
 
-def main() -> None:
-    paths = stage_paths("frames", ["out", "no_face"])
+def main(argv: Sequence[str] | None = None) -> None:
+    paths = stage_paths("frames", ["out", "no_face"], argv)
     params = load_params()
     data = params["data"]
     if params["frames"]["on_no_face"] not in ("fail", "skip"):

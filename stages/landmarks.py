@@ -9,6 +9,7 @@ onset and apex start alike. dlib returns whole-pixel points.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +45,8 @@ def detect_landmarks(onset: np.ndarray, apex: np.ndarray, boxes: np.ndarray, pre
     return np.stack([points for points, _ in fitted]), np.array([source for _, source in fitted])
 
 
-def main() -> None:
-    paths = stage_paths("landmarks", ["frames", "out"])
+def main(argv: Sequence[str] | None = None) -> None:
+    paths = stage_paths("landmarks", ["frames", "out"], argv)
     params = load_params()
     predictor_file = face.predictor_path(params["landmarks"]["predictor"])
     cnn_file = face.cnn_detector_path(params["landmarks"]["cnn_detector"])

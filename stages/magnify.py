@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -280,8 +280,8 @@ def magnify_file(frames_h5: Path | str, out_h5: Path | str, magnify_params: dict
     return len(magnified)
 
 
-def main() -> None:
-    paths = stage_paths("magnify", ["frames", "out"])
+def main(argv: Sequence[str] | None = None) -> None:
+    paths = stage_paths("magnify", ["frames", "out"], argv)
     params = load_params()
     n = magnify_file(paths.frames, paths.out, params["magnify"], params["workers"])
     m = params["magnify"]

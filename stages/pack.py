@@ -6,6 +6,7 @@ Array names, shapes and meanings: docs/hdf5.md.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +50,8 @@ def pack(frames_h5: Path, magnified_h5: Path, flow_h5: Path, landmarks_h5: Path,
     return arrays, attrs
 
 
-def main() -> None:
-    paths = stage_paths("pack", ["frames", "magnified", "flow", "landmarks", "out"])
+def main(argv: Sequence[str] | None = None) -> None:
+    paths = stage_paths("pack", ["frames", "magnified", "flow", "landmarks", "out"], argv)
     params = load_params()
     arrays, attrs = pack(paths.frames, paths.magnified, paths.flow, paths.landmarks, params)
     write_h5(paths.out, arrays, attrs)

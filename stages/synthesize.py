@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -602,8 +603,8 @@ def synthesize(out_dir: Path, params: dict[str, Any], workers: int) -> pd.DataFr
     return table
 
 
-def main() -> None:
-    paths = stage_paths("synthesize", ["out"])
+def main(argv: Sequence[str] | None = None) -> None:
+    paths = stage_paths("synthesize", ["out"], argv)
     params = load_params()
     table = synthesize(paths.out, params["synthetic"], params["workers"])
     kept = table["Estimated Emotion"].map(THREE_CLASS).value_counts().to_dict()

@@ -7,13 +7,14 @@ Trains model/magnifier.py's network with the `magnifier` params and writes the w
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 from mer.common import load_params, run_main, stage_paths
 from model.magnifier import save_weights, train_magnifier
 
 
-def main() -> None:
-    paths = stage_paths("train_magnifier", ["out"])
+def main(argv: Sequence[str] | None = None) -> None:
+    paths = stage_paths("train_magnifier", ["out"], argv)
     p = load_params()["magnifier"]
     start = time.perf_counter()
     state = train_magnifier(p)
