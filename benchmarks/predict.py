@@ -5,7 +5,7 @@
 Needs the dataset of params.yaml on disk (`dvc repro synthesize` for the default). Uses the model
 file when it exists, else an untrained model of params.yaml's `model` config written to a temp file
 (the same cost: the weights' values do not change the work). Runs predict's own code on clip folders
-as a user's run does (one thread, see `predict.one_thread`): prints the one-off start-up (imports,
+as a user's run does (torch on one thread: `predict.predict_frames`): prints the one-off start-up (imports,
 model load), the first clip (caches filled on first use) and the median of each step over the other
 clips, and the load average, since other processes on the cores slow every step.
 """

@@ -67,17 +67,23 @@ def worker_count(requested: int) -> int:
 
 
 @contextlib.contextmanager
-def single_threaded_opencv() -> Iterator[None]:
+def single_threaded(get_threads: Callable[[], int], set_threads: Callable[[int], None]) -> Iterator[None]:
+    """A library's thread pool (torch.get/set_num_threads, cv2.get/setNumThreads) at one thread
+    inside the block, restored after it."""
+    threads = get_threads()
+    set_threads(1)
+    try:
+        yield
+    finally:
+        set_threads(threads)
+
+
+def single_threaded_opencv() -> contextlib.AbstractContextManager[None]:
     """OpenCV on one thread inside the block. Around a fork this is also a fix: OpenCV's thread
     pool does not survive fork, and a child touching a pool copied mid-wait can block forever."""
     import cv2
 
-    threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    try:
-        yield
-    finally:
-        cv2.setNumThreads(threads)
+    return single_threaded(cv2.getNumThreads, cv2.setNumThreads)
 
 
 def parallel_map(

@@ -38,6 +38,7 @@ from mer.common import (
     parallel_map,
     read_h5,
     run_main,
+    single_threaded,
     stage_paths,
     write_h5,
 )
@@ -206,15 +207,10 @@ def learned(onset: np.ndarray, apex: np.ndarray, alpha: float, *, weights: Path 
     pad_y, pad_x = -height % 4, -width % 4  # the net halves the size twice
     mode = "reflect" if min(height, width) > max(pad_y, pad_x) else "edge"
     pair = np.pad(pair, ((0, 0), (0, pad_y), (0, pad_x), (0, 0)), mode=mode)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one process per core already (parallel_map)
-    try:
-        with torch.inference_mode():
-            x = to_tensor(pair)
-            out = model(x[:1], x[1:], torch.tensor([alpha], dtype=torch.float32))
-        out = to_uint8(out)[0, :height, :width]
-    finally:
-        torch.set_num_threads(threads)
+    # one thread: one process per core already (parallel_map)
+    with single_threaded(torch.get_num_threads, torch.set_num_threads), torch.inference_mode():
+        x = to_tensor(pair)
+        out = to_uint8(model(x[:1], x[1:], torch.tensor([alpha], dtype=torch.float32)))[0, :height, :width]
     if grey:  # back to grey through the same luma as everywhere else
         out = _to_uint8(luminance(out))
     return out
