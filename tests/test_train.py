@@ -211,10 +211,10 @@ def ran_stages(output: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def train_project(tiny_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the tiny pipeline project (tiny params) where all but training has run."""
+    """A copy of the tiny pipeline project (tiny params) where preprocessing and the magnifier ran."""
     project = tmp_path_factory.mktemp("train") / "project"
     shutil.copytree(tiny_project, project, symlinks=True)
-    run(["dvc", "repro", "eval_magnification"], project)
+    run(["dvc", "repro", "magnification/dvc.yaml"], project)  # the opt-in pipeline, tiny params
     return project
 
 
