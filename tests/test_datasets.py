@@ -1,4 +1,4 @@
-"""Tests of stages/datasets.py against the real CASME II / SAMM label files and small tmp trees."""
+"""Tests of mer/datasets.py against the real CASME II / SAMM label files and small tmp trees."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import labels_dir
+from conftest import REPO, labels_dir
 
 from mer.common import PipelineError
 from mer.datasets import (
@@ -519,6 +519,7 @@ def test_fix_table_markdown() -> None:
         assert sample in text
     assert "apex / -> 291" in text and "2014 coding file" in text
     assert all(fix.reason and fix.defect for fix in Casme2.fixes + Samm.fixes)
+    assert text.strip() in (REPO / "docs" / "datasets.md").read_text()  # the documented table is this one
 
 
 # ---- SMIC-HS, generated tree ---------------------------------------------------------------
