@@ -77,9 +77,11 @@ def h5_digests(project: Path) -> dict[str, str]:
 
 
 def data_files(project: Path) -> list[str]:
-    """Every DVC-tracked workspace file (raw synthetic frames, interim and processed HDF5)."""
-    return sorted(str(p.relative_to(project)) for p in (project / "data").rglob("*")
-                  if p.is_file() and p.name != ".gitignore")
+    """Every DVC-tracked workspace file under data/ (raw synthetic frames, interim and processed
+    HDF5), not the files git carries (.gitignore files, train's data/features.h5)."""
+    in_git = set(run(["git", "ls-files", "data"], project).stdout.split())
+    files = (str(p.relative_to(project)) for p in (project / "data").rglob("*") if p.is_file())
+    return sorted(f for f in files if f not in in_git)
 
 
 def assert_clean(project: Path, *targets: str) -> None:
