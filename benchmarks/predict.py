@@ -5,7 +5,7 @@
 Needs the dataset of params.yaml on disk (`dvc repro synthesize` for the default). Uses the model
 file when it exists, else an untrained model of params.yaml's `model` config written to a temp file
 (the same cost: the weights' values do not change the work). Runs predict's own code on clip folders
-as a user's run does (one thread, see `predict.one_thread`): prints the one-off start-up (imports,
+as a user's run does (torch on one thread: `predict.predict_frames`): prints the one-off start-up (imports,
 model load), the first clip (caches filled on first use) and the median of each step over the other
 clips, and the load average, since other processes on the cores slow every step.
 """
@@ -31,11 +31,11 @@ def main() -> None:
     start = time.perf_counter()
     import torch  # imported here to time the start-up a user's first prediction pays
 
+    from mer.common import load_params
+    from mer.datasets import get_dataset
     from model import MiHFTr, ModelConfig
     from model.checkpoint import save_checkpoint
     from stages import predict
-    from stages.common import load_params
-    from stages.datasets import get_dataset
 
     imports = time.perf_counter() - start
     params = load_params(REPO / "params.yaml")

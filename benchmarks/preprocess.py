@@ -14,6 +14,7 @@ work with `frames.detectors` as configured against HOG alone, measured in the sa
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -25,9 +26,10 @@ import cv2
 import numpy as np
 import yaml
 
-from stages import face, frames
-from stages.common import load_params, write_h5
-from stages.datasets import dataset_from_params
+from mer import face
+from mer.common import load_params, stage_command, write_h5
+from mer.datasets import dataset_from_params
+from stages import frames
 from stages.flow import flow_pair
 from stages.landmarks import landmarks_pair
 from stages.magnify import magnify_pair
@@ -100,13 +102,15 @@ def pipeline_seconds(params: dict) -> float:
     """Wall time of the preprocessing stages as separate processes, in a scratch project."""
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        shutil.copytree(REPO / "stages", work / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+        for package in ("stages", "mer", "model"):
+            shutil.copytree(REPO / package, work / package, ignore=shutil.ignore_patterns("__pycache__"))
         run_params = dict(params, workers=0)
         run_params["data"] = dict(params["data"], root=str((REPO / params["data"]["root"]).resolve()))
         (work / "params.yaml").write_text(yaml.safe_dump(run_params))
         start = time.perf_counter()
-        for stage in STAGES:
-            subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=work, check=True,
+        commands = [shlex.split(stage_command(REPO, stage)) for stage in STAGES]  # as dvc.yaml runs them
+        for command in commands:
+            subprocess.run([sys.executable, *command[1:]], cwd=work, check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return time.perf_counter() - start
 

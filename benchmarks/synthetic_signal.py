@@ -22,7 +22,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from stages.synthesize import LABELS_NAME, OUT_DIR, THREE_CLASS, detect_faces
+from mer.common import load_params
+from stages.synthesize import LABELS_NAME, THREE_CLASS, detect_faces
 
 CROP = 160  # face crop side for the flow, px
 GRID = 8
@@ -112,9 +113,10 @@ def face_counts(root: Path) -> dict[int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("root", nargs="?", type=Path, default=OUT_DIR)
+    parser.add_argument("root", nargs="?", type=Path, help="dataset folder (default: params.yaml data.root)")
     parser.add_argument("--faces", action="store_true", help="also count dlib faces in every frame")
     args = parser.parse_args()
+    args.root = args.root or Path(load_params()["data"]["root"])
     for name, (uf1, uar) in signal_check(args.root).items():
         print(f"{name:>5}: UF1 {uf1:.3f}  UAR {uar:.3f}")
     if args.faces:

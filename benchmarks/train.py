@@ -15,15 +15,14 @@ worker of the `train` stage). Prints, per sample:
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mer.common import class_names, load_params, read_h5
 from model import MiHFTr, ModelConfig, build_loss, prepare_batch
-from stages.common import load_params, read_h5
 
 
 def inputs(n: int, real: bool, params: dict) -> tuple[dict[str, np.ndarray], int, int]:
@@ -31,7 +30,7 @@ def inputs(n: int, real: bool, params: dict) -> tuple[dict[str, np.ndarray], int
     path = Path("data/processed") / f"{params['data']['dataset']}.h5"
     if real:
         arrays, attrs = read_h5(path, ["apex", "flow", "landmarks", "label", "subject"])
-        classes = json.loads(attrs["classes"]) if isinstance(attrs["classes"], str) else attrs["classes"]
+        classes = class_names(attrs)
         num_classes = len(classes)
         subjects = len(set(arrays["subject"]))
         return {k: v[:n] for k, v in arrays.items()}, num_classes, subjects

@@ -9,7 +9,7 @@ torch.save of a plain dict, read back with weights_only=True (loading runs no pi
     state_dict    the whole MiHFTr, stems included, so it runs end to end on images
     params        the preprocessing sections the training data was made with (frames, magnify, flow,
                   landmarks; data: dataset, classes): `predict` preprocesses a new clip with exactly these
-    versions      stages.common.package_versions() when saved
+    versions      mer.common.package_versions() when saved
     extra         model card fields (dataset, samples, subjects, LOSO metrics, params hash, ...)
 """
 
@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
+from mer.common import PipelineError, atomic_path, package_versions
 from model.mihf_tr import MiHFTr, ModelConfig
-from stages.common import PipelineError, atomic_path, package_versions
 
 FORMAT = 1
 KEYS = ("format", "model_config", "num_classes", "classes", "state_dict", "params", "versions", "extra")

@@ -19,7 +19,7 @@ MEGC2019 definition as `train` (`metrics/baselines.json`, next to `metrics/loso.
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -28,10 +28,8 @@ from sklearn.model_selection import LeaveOneGroupOut
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from stages.common import atomic_path, load_params, read_h5, run_main
-from stages.metrics import pooled_scores, round_floats
-
-OUT = Path("metrics/baselines.json")
+from mer.common import atomic_path, class_names, load_params, read_h5, run_main, stage_paths
+from mer.metrics import pooled_scores, round_floats
 
 
 def drift_free(flow: np.ndarray) -> np.ndarray:
@@ -89,16 +87,15 @@ def run_baselines(arrays: dict[str, np.ndarray], classes: list[str], section: di
             for name, x in features.items()}
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+    paths = stage_paths("baselines", ["processed", "out"], argv)
     params = load_params()
-    h5_path = Path("data/processed") / f"{params['data']['dataset']}.h5"
-    arrays, attrs = read_h5(h5_path, ["flow", "landmarks", "label", "subject"])
-    classes = json.loads(attrs["classes"]) if isinstance(attrs["classes"], str) else list(attrs["classes"])
-    scores = run_baselines(arrays, classes, params["baselines"])
-    with atomic_path(OUT) as tmp:
+    arrays, attrs = read_h5(paths.processed, ["flow", "landmarks", "label", "subject"])
+    scores = run_baselines(arrays, class_names(attrs), params["baselines"])
+    with atomic_path(paths.out) as tmp:
         tmp.write_text(json.dumps(round_floats(scores), sort_keys=True, indent=2) + "\n")
     summary = ", ".join(f"{name} UF1 {s['uf1']:.4f} UAR {s['uar']:.4f}" for name, s in scores.items())
-    print(f"baselines (logistic regression, LOSO, pooled): {summary} -> {OUT}")
+    print(f"baselines (logistic regression, LOSO, pooled): {summary} -> {paths.out}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +29,20 @@ import cv2
 import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from stages.common import atomic_path, load_params, parallel_map, run_main, single_threaded_opencv
+from mer.common import (
+    atomic_path,
+    load_params,
+    new_figure,
+    parallel_map,
+    run_main,
+    save_figure,
+    single_threaded_opencv,
+    stage_paths,
+)
+from model.magnifier import _procedural, flow_field, quantise, render
 from stages.flow import flow_pair
-from stages.magnifier import _procedural, flow_field, quantise, render
-from stages.magnify import LEARNED_WEIGHTS, magnify_pair
+from stages.magnify import learned, learned_model, magnify_pair
 
-OUT = Path("metrics/magnification.json")
-PLOT = Path("metrics/magnification_ratio.png")
 ALPHA = 3.0
 MOTIONS = (0.1, 0.25, 0.5, 1.0, 2.0)
 NOISE = {"clean": 0.0, "noisy": 2.0}
@@ -80,28 +88,17 @@ def evaluate_case(case: tuple[str, str, float, str], scene_images: dict[str, np.
     onset, apex, truth, true_flow = make_case(scene_images[name], kind, d, NOISE[noise_name], seed)
     rows = []
     for method in METHOD_NAMES:
-        if method == "learned":
-            out = _learned(onset, apex, weights)
-        else:
-            out = magnify_pair(onset, apex, method, ALPHA)
+        out = magnify_pair(onset, apex, method, ALPHA, weights=weights)
         measured = flow_pair((onset, out), flow_params)
         rows.append({"scene": name, "kind": kind, "d": d, "noise": noise_name, "method": method,
                      "ratio": ratio(measured, true_flow, kind),
                      "ssim": float(structural_similarity(out, truth, channel_axis=2, data_range=255)),
                      "psnr": float(peak_signal_noise_ratio(truth, out, data_range=255))})
     if noise_name == "clean":  # the net itself at α = 1 (magnify_pair would short-circuit)
-        from stages.magnify import _learned as learned_method
-
         rows.append({"scene": name, "kind": kind, "d": d, "noise": noise_name, "method": "learned@1",
-                     "ssim": float(structural_similarity(learned_method(onset, apex, 1.0, weights=weights),
+                     "ssim": float(structural_similarity(learned(onset, apex, 1.0, weights=weights),
                                                          apex, channel_axis=2, data_range=255))})
     return rows
-
-
-def _learned(onset: np.ndarray, apex: np.ndarray, weights: str) -> np.ndarray:
-    from stages.magnify import _learned as learned_method
-
-    return learned_method(onset, apex, ALPHA, weights=weights)
 
 
 def seconds_per_pair(weights: str) -> dict[str, float]:
@@ -113,8 +110,7 @@ def seconds_per_pair(weights: str) -> dict[str, float]:
     out = {}
     with single_threaded_opencv():
         for method in METHOD_NAMES:
-            run = (functools.partial(_learned, onset, apex, weights) if method == "learned" else
-                   functools.partial(magnify_pair, onset, apex, method, ALPHA))
+            run = functools.partial(magnify_pair, onset, apex, method, ALPHA, weights=weights)
             run()
             times = []
             for _ in range(3):
@@ -144,12 +140,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def plot(table: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6), sharey=True)
+    fig, axes = new_figure(1, 4, figsize=(16, 3.6), sharey=True)
     for ax, (noise_name, kind) in zip(axes, [(n, k) for n in NOISE for k in KINDS]):
         for method in METHOD_NAMES:
             ax.plot(MOTIONS, [table[method][noise_name][kind][str(d)]["ratio"] for d in MOTIONS], "o-",
@@ -161,16 +152,11 @@ def plot(table: dict[str, Any], path: Path) -> None:
     axes[0].set_ylabel(f"achieved / target displacement (α = {ALPHA:g})")
     axes[0].legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80, metadata={"Software": None})
-    plt.close(fig)
+    save_figure(fig, path, dpi=80)
 
 
-def evaluate(flow_params: dict[str, Any], workers: int,
-             weights: Path | str = LEARNED_WEIGHTS) -> dict[str, Any]:
-    from stages.magnify import _learned_model
-
-    _learned_model(str(weights))  # fail fast (and load once, before the pool forks) if weights are missing
+def evaluate(flow_params: dict[str, Any], workers: int, weights: Path | str) -> dict[str, Any]:
+    learned_model(str(weights))  # fail fast (and load once, before the pool forks) if weights are missing
     scene_images = scenes()
     cases = [(n, k, d, z) for n in scene_images for k in KINDS for d in MOTIONS for z in NOISE]
     work = functools.partial(evaluate_case, scene_images=scene_images, flow_params=flow_params,
@@ -186,18 +172,19 @@ def evaluate(flow_params: dict[str, Any], workers: int,
             "methods": summarise(rows)}
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+    paths = stage_paths("eval_magnification", ["weights", "out", "plot"], argv)
     params = load_params()
     start = time.perf_counter()
-    result = evaluate(params["flow"], params["workers"])
-    with atomic_path(OUT) as tmp:
+    result = evaluate(params["flow"], params["workers"], paths.weights)
+    with atomic_path(paths.out) as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
-    plot(result["methods"], PLOT)
+    plot(result["methods"], paths.plot)
     means = ", ".join(f"{m} ratio {v['mean']['ratio']:.2f} ssim {v['mean']['ssim']:.3f}"
                       for m, v in result["methods"].items())
     identity = result["learned_alpha1_ssim_vs_input"]["mean"]
     print(f"eval_magnification: {means}; learned α=1 SSIM {identity:.3f} "
-          f"({time.perf_counter() - start:.0f} s) -> {OUT}")
+          f"({time.perf_counter() - start:.0f} s) -> {paths.out}")
 
 
 if __name__ == "__main__":

@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from mer.common import atomic_path, load_params, run_main, stage_paths
 from model import MiHFTr
 from model.checkpoint import save_checkpoint
 from stages import train
-from stages.common import atomic_path, load_params, run_main
 
-MODEL = Path("models/mihf_tr.pt")
-CARD = Path("models/mihf_tr.json")
 CARD_SECTIONS = ("data", "frames", "magnify", "flow", "landmarks", "model", "train")
 
 
@@ -61,17 +60,17 @@ def fit_final(params: dict[str, Any], h5_path: Path) -> tuple[MiHFTr, dict[str, 
     return net.cpu(), card, classes
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+    paths = stage_paths("fit", ["processed", "loso", "model", "card"], argv)
     params = load_params()
-    h5_path = train.PROCESSED / f"{params['data']['dataset']}.h5"
-    net, card, classes = fit_final(params, h5_path)
-    loso = json.loads(train.LOSO_JSON.read_text()) if train.LOSO_JSON.exists() else {}
+    net, card, classes = fit_final(params, paths.processed)
+    loso = json.loads(paths.loso.read_text()) if paths.loso.exists() else {}
     card["loso"] = {k: loso[k] for k in ("uf1", "uar", "accuracy", "n_folds") if k in loso}
-    save_checkpoint(MODEL, net, classes, params, card)
-    with atomic_path(CARD) as tmp:
+    save_checkpoint(paths.model, net, classes, params, card)
+    with atomic_path(paths.card) as tmp:
         tmp.write_text(json.dumps(card, sort_keys=True, indent=2) + "\n")
     print(f"fit: MiHF-Tr on all {card['n_samples']} samples of {card['n_subjects']} subjects "
-          f"(LOSO UF1 {card['loso'].get('uf1', float('nan')):.4f}) -> {MODEL}, {CARD}")
+          f"(LOSO UF1 {card['loso'].get('uf1', float('nan')):.4f}) -> {paths.model}, {paths.card}")
 
 
 if __name__ == "__main__":

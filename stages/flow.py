@@ -7,17 +7,13 @@ of normalisation never invalidates this (slow) cache.
 from __future__ import annotations
 
 import functools
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import cv2
 import numpy as np
 
-from stages.common import load_params, package_versions, parallel_map, read_h5, run_main, write_h5
-
-FRAMES = Path("data/interim/frames.h5")
-MAGNIFIED = Path("data/interim/magnified.h5")
-OUT = Path("data/interim/flow.h5")
+from mer.common import load_params, package_versions, parallel_map, read_h5, run_main, stage_paths, write_h5
 
 
 def tvl1(flow_params: dict[str, Any]) -> cv2.optflow.DualTVL1OpticalFlow:
@@ -47,14 +43,15 @@ def compute_flow(onset: np.ndarray, apex_magnified: np.ndarray, flow_params: dic
     return np.stack(parallel_map(work, list(zip(onset, apex_magnified)), workers, desc="flow"))
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+    paths = stage_paths("flow", ["frames", "magnified", "out"], argv)
     params = load_params()
-    frames, _ = read_h5(FRAMES, ["onset", "sample"])
-    magnified, _ = read_h5(MAGNIFIED, ["apex_magnified"])
+    frames, _ = read_h5(paths.frames, ["onset", "sample"])
+    magnified, _ = read_h5(paths.magnified, ["apex_magnified"])
     flow = compute_flow(frames["onset"], magnified["apex_magnified"], params["flow"], params["workers"])
-    write_h5(OUT, {"flow": flow, "sample": frames["sample"]},
+    write_h5(paths.out, {"flow": flow, "sample": frames["sample"]},
              {"params": {"flow": params["flow"]}, "versions": package_versions()})
-    print(f"flow: {len(flow)} TV-L1 fields -> {OUT}")
+    print(f"flow: {len(flow)} TV-L1 fields -> {paths.out}")
 
 
 if __name__ == "__main__":

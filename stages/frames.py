@@ -17,20 +17,18 @@ from typing import Any
 import cv2
 import numpy as np
 
-from stages import face
-from stages.common import (
+from mer import face
+from mer.common import (
     PipelineError,
     atomic_path,
     load_params,
     package_versions,
     parallel_map,
     run_main,
+    stage_paths,
     write_h5,
 )
-from stages.datasets import MicroExpressionDataset, Sample, dataset_from_params
-
-OUT = Path("data/interim/frames.h5")
-NO_FACE_REPORT = Path("data/interim/no_face.json")
+from mer.datasets import MicroExpressionDataset, Sample, dataset_from_params
 
 
 @dataclass(frozen=True)
@@ -158,7 +156,8 @@ def extract_frames(dataset: MicroExpressionDataset, frames_params: dict[str, Any
     return arrays, no_face
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+    paths = stage_paths("frames", ["out", "no_face"], argv)
     params = load_params()
     data = params["data"]
     if params["frames"]["on_no_face"] not in ("fail", "skip"):
@@ -176,12 +175,12 @@ def main() -> None:
         "params": {"data": data, "frames": params["frames"]},
         "versions": package_versions(),
     }
-    write_h5(OUT, arrays, attrs)
-    with atomic_path(NO_FACE_REPORT) as tmp:
+    write_h5(paths.out, arrays, attrs)
+    with atomic_path(paths.no_face) as tmp:
         tmp.write_text(json.dumps({"skipped_no_face": no_face}, indent=2) + "\n")
-    print(f"frames: {len(arrays['label'])} samples of {dataset.name} -> {OUT}; face found by "
+    print(f"frames: {len(arrays['label'])} samples of {dataset.name} -> {paths.out}; face found by "
           f"{face.detector_counts(arrays['detector'])}"
-          + (f" ({len(no_face)} without a face skipped, see {NO_FACE_REPORT})" if no_face else ""))
+          + (f" ({len(no_face)} without a face skipped, see {paths.no_face})" if no_face else ""))
 
 
 if __name__ == "__main__":

@@ -9,15 +9,13 @@ onset and apex start alike. dlib returns whole-pixel points.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from stages import face
-from stages.common import load_params, package_versions, parallel_map, read_h5, run_main, write_h5
-
-FRAMES = Path("data/interim/frames.h5")
-OUT = Path("data/interim/landmarks.h5")
+from mer import face
+from mer.common import load_params, package_versions, parallel_map, read_h5, run_main, stage_paths, write_h5
 
 
 def fit_pair(job: tuple[np.ndarray, np.ndarray, np.ndarray], predictor_file: Path,
@@ -47,16 +45,17 @@ def detect_landmarks(onset: np.ndarray, apex: np.ndarray, boxes: np.ndarray, pre
     return np.stack([points for points, _ in fitted]), np.array([source for _, source in fitted])
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+    paths = stage_paths("landmarks", ["frames", "out"], argv)
     params = load_params()
     predictor_file = face.predictor_path(params["landmarks"]["predictor"])
     cnn_file = face.cnn_detector_path(params["landmarks"]["cnn_detector"])
-    frames, _ = read_h5(FRAMES, ["onset", "apex", "face_box", "sample"])
+    frames, _ = read_h5(paths.frames, ["onset", "apex", "face_box", "sample"])
     landmarks, sources = detect_landmarks(frames["onset"], frames["apex"], frames["face_box"], predictor_file,
                                           params["workers"], cnn_file)
-    write_h5(OUT, {"landmarks": landmarks, "sample": frames["sample"], "detector": sources},
+    write_h5(paths.out, {"landmarks": landmarks, "sample": frames["sample"], "detector": sources},
              {"params": {"landmarks": params["landmarks"]}, "versions": package_versions()})
-    print(f"landmarks: {len(landmarks)} × 51 points on onset and apex -> {OUT}; crop face found by "
+    print(f"landmarks: {len(landmarks)} × 51 points on onset and apex -> {paths.out}; crop face found by "
           f"{face.detector_counts(sources)}")
 
 

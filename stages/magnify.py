@@ -8,22 +8,22 @@ Methods (one entry of METHODS each, so `learned` plugs in as one more line):
 * none:   the apex as is.
 * linear: two-frame Eulerian, apex + (α − 1)(apex − onset) on the full band, in float, rounded and
           clipped. A first-order Taylor step: right while the magnified motion is well below a pixel,
-          then it turns into an overshooting intensity difference (see the README for numbers).
+          then it turns into an overshooting intensity difference (docs/magnification.md).
 * phase:  two-frame phase-based (Wadhwa et al. 2013): complex steerable pyramid of the luminance,
           per band the phase difference apex vs onset is amplitude-weighted smoothed and the apex
           phase pushed on by (α − 1) × that difference. Octave bandwidth; `levels` octaves from π/4..π
           down plus one band above π/2, so (levels + 1) × orientations bands (see pyramid_filters).
           The low-pass residual (below ~π/16) and chrominance stay the apex's. ~0.1 s per 224² pair.
-* learned: Oh et al. 2018, the network of stages/magnifier.py with the weights that stage
-          `train_magnifier` writes (models/magnifier.pt, loaded once per process). Opt-in: see the
-          README for how it measures against phase.
+* learned: Oh et al. 2018, the network of model/magnifier.py with the weights file `magnify.weights`
+          (written by stage `train_magnifier` of magnification/dvc.yaml, loaded once per process).
+          Opt-in: docs/magnification.md says how it measures against phase.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +31,17 @@ import cv2
 import numpy as np
 import scipy.fft
 
-from stages.common import (
+from mer.common import (
     PipelineError,
     load_params,
     package_versions,
     parallel_map,
     read_h5,
     run_main,
+    single_threaded,
+    stage_paths,
     write_h5,
 )
-
-FRAMES = Path("data/interim/frames.h5")
-OUT = Path("data/interim/magnified.h5")
 
 # Rec. 601 luma, the Y of both YIQ and YCrCb. Its weights sum to 1 and the chroma rows of those
 # transforms sum to 0, so adding ΔY to R, G and B alike changes Y by ΔY and leaves I, Q (Cr, Cb) alone.
@@ -174,30 +173,32 @@ def _linear(onset: np.ndarray, apex: np.ndarray, alpha: float, **_: Any) -> np.n
 
 
 def _phase(onset: np.ndarray, apex: np.ndarray, alpha: float, levels: int, orientations: int,
-           sigma: float) -> np.ndarray:
+           sigma: float, **_: Any) -> np.ndarray:
     delta = phase_delta(luminance(onset), luminance(apex), alpha, levels, orientations, sigma)
     if apex.ndim == 3:
         delta = delta[..., None]  # same ΔY on R, G, B: chrominance stays the apex's (see LUMA)
     return _to_uint8(apex.astype(np.float32) + delta)
 
 
-LEARNED_WEIGHTS = Path("models/magnifier.pt")
-
-
 @functools.cache
-def _learned_model(path: str) -> Any:
-    from stages.magnifier import load_model  # torch is imported only when `learned` is used
+def learned_model(path: str) -> Any:
+    """The learned magnifier with the weights file `path`, loaded once per process."""
+    from model.magnifier import load_model  # torch is imported only when `learned` is used
 
+    if not path:
+        raise PipelineError("magnify.weights is empty: set it to the learned magnifier's weights file "
+                            "(models/magnifier.pt: `dvc repro magnification/dvc.yaml:train_magnifier`)")
     return load_model(path)
 
 
-def _learned(onset: np.ndarray, apex: np.ndarray, alpha: float, *, weights: Path | str | None = None,
-             **_: Any) -> np.ndarray:
+def learned(onset: np.ndarray, apex: np.ndarray, alpha: float, *, weights: Path | str = "",
+            **_: Any) -> np.ndarray:
+    """The learned magnifier's output at any α, 1 included (magnify_pair short-circuits α = 1)."""
     import torch
 
-    from stages.magnifier import to_tensor, to_uint8
+    from model.magnifier import to_tensor, to_uint8
 
-    model = _learned_model(str(weights or LEARNED_WEIGHTS))
+    model = learned_model(str(weights))
     grey = apex.ndim == 2
     pair = np.stack([onset, apex])
     if grey:
@@ -206,27 +207,23 @@ def _learned(onset: np.ndarray, apex: np.ndarray, alpha: float, *, weights: Path
     pad_y, pad_x = -height % 4, -width % 4  # the net halves the size twice
     mode = "reflect" if min(height, width) > max(pad_y, pad_x) else "edge"
     pair = np.pad(pair, ((0, 0), (0, pad_y), (0, pad_x), (0, 0)), mode=mode)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one process per core already (parallel_map)
-    try:
-        with torch.inference_mode():
-            x = to_tensor(pair)
-            out = model(x[:1], x[1:], torch.tensor([alpha], dtype=torch.float32))
-        out = to_uint8(out)[0, :height, :width]
-    finally:
-        torch.set_num_threads(threads)
+    # one thread: one process per core already (parallel_map)
+    with single_threaded(torch.get_num_threads, torch.set_num_threads), torch.inference_mode():
+        x = to_tensor(pair)
+        out = to_uint8(model(x[:1], x[1:], torch.tensor([alpha], dtype=torch.float32)))[0, :height, :width]
     if grey:  # back to grey through the same luma as everywhere else
         out = _to_uint8(luminance(out))
     return out
 
 
 METHODS: dict[str, Callable[..., np.ndarray]] = {"none": _none, "linear": _linear, "phase": _phase,
-                                                 "learned": _learned}
+                                                 "learned": learned}
 
 
 def magnify_pair(onset: np.ndarray, apex: np.ndarray, method: str, alpha: float, levels: int = 4,
-                 orientations: int = 4, sigma: float = 2.0) -> np.ndarray:
-    """Apex with α × the onset → apex motion; H×W×3 RGB or H×W grey uint8 in, same shape out."""
+                 orientations: int = 4, sigma: float = 2.0, weights: Path | str = "") -> np.ndarray:
+    """Apex with α × the onset → apex motion; H×W×3 RGB or H×W grey uint8 in, same shape out.
+    `weights`: the learned magnifier's weights file (method `learned` only)."""
     if method not in METHODS:
         raise PipelineError(f"magnify.method is {method!r}: use one of {', '.join(METHODS)}")
     if not (math.isfinite(alpha) and alpha >= 0):
@@ -240,13 +237,14 @@ def magnify_pair(onset: np.ndarray, apex: np.ndarray, method: str, alpha: float,
     if alpha == 1:
         return apex.copy()  # the identity by definition; also skips the pyramid's cost
     return METHODS[method](onset, apex, float(alpha), levels=int(levels), orientations=int(orientations),
-                           sigma=float(sigma))
+                           sigma=float(sigma), weights=weights)
 
 
 def magnify_item(pair: tuple[np.ndarray, np.ndarray], magnify_params: dict[str, Any]) -> np.ndarray:
     """magnify_pair of one (onset, apex) pair with the `magnify` params section."""
     p = magnify_params
-    return magnify_pair(pair[0], pair[1], p["method"], p["alpha"], p["levels"], p["orientations"], p["sigma"])
+    return magnify_pair(pair[0], pair[1], p["method"], p["alpha"], p["levels"], p["orientations"], p["sigma"],
+                        p.get("weights", ""))
 
 
 def magnify_all(onset: np.ndarray, apex: np.ndarray, magnify_params: dict[str, Any],
@@ -265,8 +263,7 @@ def magnify_file(frames_h5: Path | str, out_h5: Path | str, magnify_params: dict
     if missing:
         raise PipelineError(f"params.yaml magnify: missing {', '.join(missing)}")
     # Fail on the parameters before reading or computing anything.
-    magnify_pair(np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8), p["method"], p["alpha"],
-                 p["levels"], p["orientations"], p["sigma"])
+    magnify_item((np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8)), p)
     frames, _ = read_h5(frames_h5, ["onset", "apex", "sample"])
     onset, apex, sample = frames["onset"], frames["apex"], frames["sample"]
     if onset.shape != apex.shape or len(sample) != len(apex):
@@ -279,11 +276,12 @@ def magnify_file(frames_h5: Path | str, out_h5: Path | str, magnify_params: dict
     return len(magnified)
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+    paths = stage_paths("magnify", ["frames", "out"], argv)
     params = load_params()
-    n = magnify_file(FRAMES, OUT, params["magnify"], params["workers"])
+    n = magnify_file(paths.frames, paths.out, params["magnify"], params["workers"])
     m = params["magnify"]
-    print(f"magnify: {n} apex crops, {m['method']} x{m['alpha']} -> {OUT}")
+    print(f"magnify: {n} apex crops, {m['method']} x{m['alpha']} -> {paths.out}")
 
 
 if __name__ == "__main__":

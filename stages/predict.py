@@ -6,7 +6,7 @@
     python -m stages.predict --csv clips.csv --out predictions.csv    # many clips
     ... --explain out.png                                             # one clip: a picture of why
 
-A clip goes through the stages' own per-sample code (stages/preprocess.py) with the params stored in
+A clip goes through the stages' own per-sample code (mer/preprocess.py) with the params stored in
 the model file, so it is preprocessed exactly as the training data was. One clip prints JSON: class,
 probabilities, face box (onset-frame pixels: left, top, right, bottom) and milliseconds per step.
 Not a pipeline stage: changing this file reruns nothing.
@@ -15,12 +15,10 @@ Not a pipeline stage: changing this file reruns nothing.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +26,13 @@ import cv2
 import numpy as np
 import torch
 
+from mer.common import PipelineError, atomic_path, run_main, save_figure, single_threaded
+from mer.preprocess import FaceModels, face_models, preprocess_pair
 from model import prepare_batch
 from model.checkpoint import load_checkpoint
 from model.lamif import SCSA
 from model.mihf_tr import MiHFTr
-from stages.common import PipelineError, atomic_path, run_main
 from stages.frames import FrameJob, read_pair
-from stages.preprocess import FaceModels, face_models, preprocess_pair
 
 DEFAULT_MODEL = Path("models/mihf_tr.pt")
 IMAGE_SUFFIXES = {".bmp", ".jpeg", ".jpg", ".png", ".pbm", ".pgm", ".ppm", ".tif", ".tiff", ".webp"}
@@ -135,19 +133,6 @@ def load_model(path: Path | str, device: str) -> tuple[MiHFTr, dict[str, Any], F
     return net, info, face_models(info["params"])
 
 
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """torch on one thread: its second thread made the model ~10x slower whenever another process held
-    a core (README, "Predict"). OpenCV keeps its threads: TV-L1, 3/4 of a prediction, runs on every
-    core, and gives the same bytes as the stages' one-thread workers (tests/test_predict.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def probabilities(net: MiHFTr, sample: dict[str, np.ndarray]) -> np.ndarray:
     """Class probabilities of one preprocessed sample (the arrays of one processed-HDF5 row)."""
     device = next(net.parameters()).device
@@ -160,7 +145,10 @@ def probabilities(net: MiHFTr, sample: dict[str, np.ndarray]) -> np.ndarray:
 def predict_frames(net: MiHFTr, info: dict[str, Any], faces: FaceModels, onset: np.ndarray,
                    apex: np.ndarray, name: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(JSON-ready result without the read time, the preprocessed sample) of one onset/apex pair."""
-    with one_thread():
+    # torch on one thread: its second thread made the model ~10x slower whenever another process held
+    # a core (docs/benchmarks.md). OpenCV keeps its threads: TV-L1, 3/4 of a prediction, runs on every
+    # core, and gives the same bytes as the stages' one-thread workers (tests/test_predict.py).
+    with single_threaded(torch.get_num_threads, torch.set_num_threads):
         sample, timings = preprocess_pair(onset, apex, info["params"], faces, name)
         start = time.perf_counter()
         probs = probabilities(net, sample)
@@ -299,8 +287,7 @@ def explain_figure(path: Path, net: MiHFTr, info: dict[str, Any], sample: dict[s
         ax_coef.set_axis_off()
         ax_coef.set_title(f"no SC-SA weights (local fusion: {net.config.local_fusion})")
     fig.suptitle(title)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip(".").lower(), dpi=100)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------

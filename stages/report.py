@@ -38,11 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from stages.common import PipelineError, atomic_path, read_h5, run_main
-from stages.metrics import round_floats
+from mer.common import PipelineError, atomic_path, class_names, new_figure, read_h5, run_main, save_figure
+from mer.metrics import round_floats
 
-FEATURES_H5 = Path("data/features.h5")
-TSNE_PNG = Path("metrics/tsne.png")
 PER_FOLD_COLUMNS = ("subject", "n", "uf1", "uar", "accuracy")
 EXACT_TSNE_MAX = 2000
 
@@ -97,7 +95,7 @@ def tsne_report(features_path: Path, out_png: Path, perplexity: float = 30.0,
                 seed: int = 0) -> dict[str, Any]:
     arrays, attrs = read_h5(features_path, ["features", "label"])
     features, labels = arrays["features"], arrays["label"].astype(np.int64)
-    classes = json.loads(attrs["classes"]) if isinstance(attrs["classes"], str) else list(attrs["classes"])
+    classes = class_names(attrs)
     if features.ndim != 2 or len(features) != len(labels):
         raise PipelineError(f"{features_path}: features {features.shape} do not match {len(labels)} labels")
     embedding, used_perplexity = tsne_embedding(features, perplexity, seed)
@@ -125,13 +123,10 @@ def tsne_report(features_path: Path, out_png: Path, perplexity: float = 30.0,
 
 
 def plot_tsne(path: Path, points: np.ndarray, labels: np.ndarray, classes: list[str], title: str) -> None:
-    import matplotlib
+    from matplotlib import colormaps
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 5.5))
-    colours = plt.get_cmap("tab10")
+    fig, ax = new_figure(figsize=(6, 5.5))
+    colours = colormaps["tab10"]
     for c, name in enumerate(classes):
         mask = labels == c
         if mask.any():
@@ -142,9 +137,7 @@ def plot_tsne(path: Path, points: np.ndarray, labels: np.ndarray, classes: list[
     ax.legend(fontsize=8, loc="best")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ---- Wilcoxon -------------------------------------------------------------------------------------
@@ -233,9 +226,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m stages.report", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("tsne", help="t-SNE of the out-of-fold fused features, ARa / AEr")
-    t.add_argument("--features", type=Path, default=FEATURES_H5, help=f"default {FEATURES_H5}")
-    t.add_argument("--out", type=Path, default=TSNE_PNG,
-                   help=f"png to write, the numbers go beside it as .json (default {TSNE_PNG})")
+    t.add_argument("--features", type=Path, required=True, help="out-of-fold features (train's output)")
+    t.add_argument("--out", type=Path, required=True,
+                   help="png to write, the numbers go beside it as .json (dvc.yaml: metrics/tsne.png)")
     t.add_argument("--perplexity", type=float, default=30.0)
     t.add_argument("--seed", type=int, default=0)
     w = sub.add_parser("wilcoxon", help="paired Wilcoxon test of two per_fold.csv (A vs B)")

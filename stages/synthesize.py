@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,9 +43,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from stages.common import PipelineError, load_params, parallel_map, run_main
+from mer.common import PipelineError, load_params, parallel_map, run_main, stage_paths
 
-OUT_DIR = Path("data/raw/synthetic")
 LABELS_NAME = "CASME2-coding-synthetic.xlsx"
 WIDTH, HEIGHT = 640, 480
 JPEG_QUALITY = 95
@@ -300,7 +300,7 @@ def source_photos() -> tuple[tuple[np.ndarray, np.ndarray], ...]:
     import matplotlib.cbook
     import skimage.data
 
-    from stages import face
+    from mer import face
 
     astronaut = cv2.cvtColor(skimage.data.astronaut(), cv2.COLOR_RGB2BGR)
     grace = cv2.imread(str(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)))
@@ -355,14 +355,14 @@ def _apply_affine(matrix: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[np.
 
 def detect_faces(image: np.ndarray) -> list[tuple[int, int, int, int]]:
     """dlib frontal faces at full resolution, no upsampling."""
-    from stages import face
+    from mer import face
 
     return [(r.left(), r.top(), r.right(), r.bottom()) for r in face.detector()(image, 0)]
 
 
 def _one_face_downstream(image: np.ndarray) -> bool:
     """Exactly one face both at full size and as the `frames` stage looks (320 px wide, upsample 1)."""
-    from stages import face
+    from mer import face
 
     small = cv2.resize(image, (320, 240), interpolation=cv2.INTER_AREA)
     return len(detect_faces(image)) == 1 and len(face.detector()(small, 1)) == 1
@@ -370,7 +370,7 @@ def _one_face_downstream(image: np.ndarray) -> bool:
 
 def make_identity(seed: int, subject: int) -> Identity:
     """Subject `subject`'s neutral face on a 640×480 canvas, varied from one of the source photos."""
-    from stages import face
+    from mer import face
 
     photos = source_photos()
     rng = np.random.default_rng([seed, 2, subject])
@@ -603,12 +603,13 @@ def synthesize(out_dir: Path, params: dict[str, Any], workers: int) -> pd.DataFr
     return table
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+    paths = stage_paths("synthesize", ["out"], argv)
     params = load_params()
-    table = synthesize(OUT_DIR, params["synthetic"], params["workers"])
+    table = synthesize(paths.out, params["synthetic"], params["workers"])
     kept = table["Estimated Emotion"].map(THREE_CLASS).value_counts().to_dict()
     print(f"synthesize: {len(table)} samples, {table['Subject'].nunique()} subjects "
-          f"(3-class: {kept}) -> {OUT_DIR}")
+          f"(3-class: {kept}) -> {paths.out}")
 
 
 if __name__ == "__main__":

@@ -63,10 +63,17 @@ import torch
 from sklearn.model_selection import LeaveOneGroupOut
 from tqdm import tqdm
 
-from model import MiHFTr, ModelConfig, build_loss, count_parameters, prepare_batch
-from model.augment import mirror_flow, mirror_images, mirror_landmarks
-from stages.common import PipelineError, atomic_path, load_params, read_h5, run_main, worker_count, write_h5
-from stages.metrics import (
+from mer.common import (
+    PipelineError,
+    atomic_path,
+    load_params,
+    read_h5,
+    run_main,
+    save_figure,
+    worker_count,
+    write_h5,
+)
+from mer.metrics import (
     confusion_matrix,
     fold_scores,
     per_dataset_scores,
@@ -75,6 +82,8 @@ from stages.metrics import (
     round_floats,
     subject_datasets,
 )
+from model import MiHFTr, ModelConfig, build_loss, count_parameters, prepare_batch
+from model.augment import mirror_flow, mirror_images, mirror_landmarks
 
 PROCESSED = Path("data/processed")
 METRICS = Path("metrics")
@@ -502,9 +511,7 @@ def plot_confusion(path: Path, panels: list[tuple[np.ndarray, str]], classes: li
                 ax.text(j, i, str(cm[i, j]), ha="center", va="center",
                         color="white" if cm[i, j] > top / 2 else "black")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ---- the stage ------------------------------------------------------------------------------------

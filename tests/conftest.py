@@ -3,7 +3,9 @@ real stages run through the real `dvc`."""
 
 from __future__ import annotations
 
+import functools
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -13,16 +15,26 @@ import h5py
 import pytest
 import yaml
 
+from mer.common import stage_command
+
 REPO = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("dvc.yaml", "params.yaml", "stages", "model", ".dvcignore", "pyproject.toml")
+PROJECT_FILES = ("dvc.yaml", "params.yaml", "stages", "mer", "model", "magnification", ".dvcignore",
+                 "pyproject.toml")
 
 # Small enough for CI, big enough for every class in several subjects.
 TINY_PARAMS = {
     "synthetic": {"subjects": 4, "samples": 24, "onset_to_apex": 3, "apex_to_offset": 2},
     "train": {"device": "cpu", "epochs": 2, "batch_size": 8, "lr_step": 1, "stem_batch": 8},
-    "magnifier": {"steps": 2, "batch": 1, "patch": 32},  # `magnify` depends on models/magnifier.pt
+    "magnifier": {"steps": 2, "batch": 1, "patch": 32},  # magnification/dvc.yaml, when a test runs it
     "workers": 2,
 }
+
+
+@functools.cache
+def stage_argv(name: str) -> tuple[str, ...]:
+    """The arguments dvc.yaml gives stage `name` (its command after `python -m stages.<module>`), so
+    a test calls a stage's main() with the very paths `dvc repro` passes."""
+    return tuple(shlex.split(stage_command(REPO, name))[3:])
 
 
 def labels_dir() -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from collections.abc import Callable
@@ -13,12 +14,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, merge
+from conftest import REPO, merge, stage_argv
 
+from mer.common import atomic_path, run_main
 from stages import frames, landmarks
-from stages.common import atomic_path, run_main
 
 SAMPLE_DIR = "sub01"
+FRAMES_H5 = "data/interim/frames.h5"  # what the frames stage writes (dvc.yaml; checked below)
+
+
+def run_frames() -> None:
+    """The frames stage's main() with dvc.yaml's arguments."""
+    argv = stage_argv("frames")
+    assert argv[argv.index("--out") + 1] == FRAMES_H5
+    frames.main(argv)
 
 
 @pytest.fixture
@@ -56,7 +65,7 @@ def some_sample(workdir: Path) -> tuple[Path, list[Path]]:
 
 
 def assert_nothing_written(workdir: Path) -> None:
-    assert not (workdir / frames.OUT).exists()
+    assert not (workdir / FRAMES_H5).exists()
     assert not list((workdir / "data").rglob(".*.tmp-*"))
 
 
@@ -78,7 +87,7 @@ def assert_nothing_written(workdir: Path) -> None:
 def test_bad_params_name_the_fix(workdir: Path, capsys: pytest.CaptureFixture, update: dict,
                                  expected: list[str]) -> None:
     set_params(workdir, update)
-    line = error_line(frames.main, capsys)
+    line = error_line(run_frames, capsys)
     for text in expected:
         assert text in line
     assert_nothing_written(workdir)
@@ -87,7 +96,7 @@ def test_bad_params_name_the_fix(workdir: Path, capsys: pytest.CaptureFixture, u
 def test_missing_apex_frame_names_the_sample_and_the_frames_present(workdir: Path, capsys) -> None:
     folder, (_, apex) = some_sample(workdir)
     apex.unlink()
-    line = error_line(frames.main, capsys)
+    line = error_line(run_frames, capsys)
     assert folder.name in line and apex.stem.removeprefix("img") in line and "frames present" in line
     assert_nothing_written(workdir)
 
@@ -95,7 +104,7 @@ def test_missing_apex_frame_names_the_sample_and_the_frames_present(workdir: Pat
 def test_unreadable_frame_names_the_file(workdir: Path, capsys) -> None:
     folder, (onset, _) = some_sample(workdir)
     onset.write_bytes(b"not a jpeg")
-    line = error_line(frames.main, capsys)
+    line = error_line(run_frames, capsys)
     assert folder.name in line and onset.name in line and "replace the file" in line
     assert_nothing_written(workdir)
 
@@ -108,7 +117,7 @@ def blank_onset(workdir: Path) -> str:
 
 def test_no_face_fails_with_the_list(workdir: Path, capsys) -> None:
     sample = blank_onset(workdir)
-    line = error_line(frames.main, capsys)
+    line = error_line(run_frames, capsys)
     assert "no face" in line and sample in line and "frames.on_no_face=skip" in line
     assert_nothing_written(workdir)
 
@@ -116,15 +125,15 @@ def test_no_face_fails_with_the_list(workdir: Path, capsys) -> None:
 def test_no_face_skip_reports_in_json(workdir: Path) -> None:
     sample = blank_onset(workdir)
     set_params(workdir, {"frames": {"on_no_face": "skip"}})
-    frames.main()
-    skipped = json.loads((workdir / frames.NO_FACE_REPORT).read_text())["skipped_no_face"]
+    run_frames()
+    skipped = json.loads((workdir / "data/interim/no_face.json").read_text())["skipped_no_face"]
     assert len(skipped) == 1 and skipped[0].endswith(sample)
-    with h5py.File(workdir / frames.OUT) as f:
+    with h5py.File(workdir / FRAMES_H5) as f:
         assert sample not in set(f["sample"].asstr()[()])
 
 
 def test_landmarks_stage_without_frames_says_what_to_run(workdir: Path, capsys) -> None:
-    line = error_line(landmarks.main, capsys)
+    line = error_line(functools.partial(landmarks.main, stage_argv("landmarks")), capsys)
     assert "frames.h5" in line and "dvc repro" in line
 
 

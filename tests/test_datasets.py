@@ -1,4 +1,4 @@
-"""Tests of stages/datasets.py against the real CASME II / SAMM label files and small tmp trees."""
+"""Tests of mer/datasets.py against the real CASME II / SAMM label files and small tmp trees."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import labels_dir
+from conftest import REPO, labels_dir
 
-from stages.common import PipelineError
-from stages.datasets import (
+from mer.common import PipelineError
+from mer.datasets import (
     DATASETS,
     FIXES_MARKDOWN,
     Casme2,
@@ -133,7 +133,7 @@ def test_casme2_sample_fields(tmp_path: Path, casme2_labels: Path) -> None:
 
 def test_casme2_fixes_repair(tmp_path: Path, casme2_labels: Path, caplog: pytest.LogCaptureFixture) -> None:
     ds = Casme2(tmp_path, labels=casme2_labels)
-    with caplog.at_level(logging.WARNING, logger="stages.datasets"):
+    with caplog.at_level(logging.WARNING, logger="mer.datasets"):
         samples = ds.samples()
     by_name = {(s.subject, s.sample): s for s in samples}
     ep12 = by_name["casme2_sub04", "EP12_01f"]
@@ -519,6 +519,7 @@ def test_fix_table_markdown() -> None:
         assert sample in text
     assert "apex / -> 291" in text and "2014 coding file" in text
     assert all(fix.reason and fix.defect for fix in Casme2.fixes + Samm.fixes)
+    assert text.strip() in (REPO / "docs" / "datasets.md").read_text()  # the documented table is this one
 
 
 # ---- SMIC-HS, generated tree ---------------------------------------------------------------
@@ -574,7 +575,7 @@ def test_smic_gaps_padding_and_raw_names(tmp_path: Path, caplog: pytest.LogCaptu
     _touch(clip, "reg_image999998.bmp", "reg_image999999.bmp", "reg_image1000001.bmp", "reg_image1000005.bmp")
     raw = tmp_path / "s3" / "micro" / "positive" / "s3_po_01"
     _touch(raw, "image0123456.bmp", "image0123457.bmp", "image0123458.bmp", "Thumbs.db")
-    with caplog.at_level(logging.WARNING, logger="stages.datasets"):
+    with caplog.at_level(logging.WARNING, logger="mer.datasets"):
         gap, padded = sorted(Smic(tmp_path).samples(), key=lambda s: s.sample, reverse=True)
     assert (gap.onset, gap.apex, gap.offset) == (999_998, 1_000_001, 1_000_005)
     warnings = [r.getMessage() for r in caplog.records]

@@ -10,9 +10,9 @@ import pytest
 from matplotlib import cbook
 from skimage import data
 
-from stages import face
-from stages.common import PipelineError
-from stages.datasets import Smic
+from mer import face
+from mer.common import PipelineError
+from mer.datasets import Smic
 from stages.frames import extract_frames
 from stages.landmarks import fit_pair
 

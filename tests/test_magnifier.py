@@ -10,9 +10,8 @@ from skimage.filters import window
 from skimage.metrics import structural_similarity
 from skimage.registration import phase_cross_correlation
 
-from stages import magnify
-from stages.common import PipelineError
-from stages.magnifier import (
+from mer.common import PipelineError
+from model.magnifier import (
     Magnifier,
     _procedural,
     flow_field,
@@ -23,6 +22,7 @@ from stages.magnifier import (
     to_uint8,
     train_magnifier,
 )
+from stages import magnify
 from tests.conftest import REPO
 
 TINY = {"steps": 3, "batch": 1, "patch": 32}
@@ -55,7 +55,7 @@ def test_shapes_and_parameter_count():
     assert texture.shape == (2, 32, 16, 12) and shape.shape == (2, 32, 32, 24)
     assert model(x, x, torch.tensor([3.0, 2.0])).shape == x.shape
     n = sum(p.numel() for p in model.parameters())
-    assert 850_000 <= n <= 950_000  # 888,995; the official model ~0.93M (README)
+    assert 850_000 <= n <= 950_000  # 888,995; the official model ~0.93M (docs/magnification.md)
 
 
 def test_alpha_one_is_exactly_the_reconstruction():
@@ -108,26 +108,26 @@ def test_example_target_is_alpha_times_the_apex_motion():
         assert moved_target >= moved_apex
 
 
-def test_missing_weights_is_one_line_naming_the_stage(tmp_path, monkeypatch):
-    monkeypatch.setattr(magnify, "LEARNED_WEIGHTS", tmp_path / "none.pt")
+@pytest.mark.parametrize("weights, says", [
+    ("none.pt", "run `dvc repro magnification/dvc.yaml:train_magnifier`"), ("", "magnify.weights is empty")])
+def test_missing_weights_is_one_line_naming_the_stage(tmp_path, weights, says):
     onset = np.zeros((16, 16, 3), np.uint8)
-    with pytest.raises(PipelineError, match=r"run `dvc repro train_magnifier`") as err:
-        magnify.magnify_pair(onset, onset, "learned", 3.0)
+    with pytest.raises(PipelineError, match=says) as err:
+        magnify.magnify_pair(onset, onset, "learned", 3.0, weights=str(tmp_path / weights) if weights else "")
     assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("shape", [(30, 34, 3), (32, 32, 3), (29, 31)])
-def test_learned_through_magnify_pair(tiny_weights, monkeypatch, shape):
-    monkeypatch.setattr(magnify, "LEARNED_WEIGHTS", tiny_weights)
+def test_learned_through_magnify_pair(tiny_weights, shape):
     rng = np.random.default_rng(0)
     onset = rng.integers(0, 256, shape, dtype=np.uint8)
     apex = np.roll(onset, 1, axis=1)
-    out = magnify.magnify_pair(onset, apex, "learned", 3.0)
+    out = magnify.magnify_pair(onset, apex, "learned", 3.0, weights=tiny_weights)
     assert out.shape == apex.shape and out.dtype == np.uint8
-    assert np.array_equal(magnify.magnify_pair(onset, apex, "learned", 1.0), apex)
+    assert np.array_equal(magnify.magnify_pair(onset, apex, "learned", 1.0, weights=tiny_weights), apex)
 
 
 def test_regularised_training_runs():
-    # The paper's texture/shape regularisers (off by default, README) still train.
+    # The paper's texture/shape regularisers (off by default, docs/magnification.md) still train.
     state = train_magnifier(tiny_params(steps=1, reg_weight=0.1), log=False)
     assert all(torch.isfinite(v).all() for v in state.values())

@@ -1,4 +1,4 @@
-"""Tests of stages/metrics.py's per-dataset scores (MEGC2019 composite table)."""
+"""Tests of mer/metrics.py's per-dataset scores (MEGC2019 composite table)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, recall_score
 
-from stages.metrics import per_dataset_scores, pooled_scores, subject_datasets
+from mer.metrics import per_dataset_scores, pooled_scores, subject_datasets
 
 CLASSES = ["negative", "positive", "surprise"]
 

@@ -14,8 +14,8 @@ import pytest
 import yaml
 from conftest import run
 
-from stages import face
-from stages.datasets import get_dataset
+from mer import face
+from mer.datasets import get_dataset
 from stages.flow import flow_pair
 from stages.frames import FrameJob, crop_sample, extract_frames
 

@@ -21,14 +21,14 @@ import yaml
 from conftest import REPO
 from test_bad_input import error_line
 
+from mer.common import read_h5, write_h5
+from mer.datasets import Sample, get_dataset
+from mer.preprocess import face_models, preprocess_pair
 from model import MiHFTr, prepare_batch
 from model.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from stages import predict
-from stages.common import read_h5, write_h5
-from stages.datasets import Sample, get_dataset
 from stages.fit import fit_final
 from stages.frames import FrameJob, read_pair
-from stages.preprocess import face_models, preprocess_pair
 
 ROWS = (0, 1)  # the HDF5 rows predicted; two, so that a mix-up of samples would show
 

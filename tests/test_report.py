@@ -14,8 +14,9 @@ import yaml
 from conftest import run
 from scipy.stats import wilcoxon
 
-from stages import metrics, report
-from stages.common import PipelineError, read_h5
+from mer import metrics
+from mer.common import PipelineError, read_h5
+from stages import report
 
 # ---- ARa / AEr ------------------------------------------------------------------------------------
 
@@ -174,7 +175,8 @@ def test_tsne_stage_writes_png_and_json(report_project: Path):
 
     # the command by hand: another path, same seed -> the same numbers
     out = project / "reports" / "again.png"
-    result = run(["python", "-m", "stages.report", "tsne", "--out", str(out)], project)
+    result = run(["python", "-m", "stages.report", "tsne", "--features", "data/features.h5",
+                  "--out", str(out)], project)
     assert "ARa" in result.stdout and out.read_bytes()[:4] == b"\x89PNG"
     assert json.loads(out.with_suffix(".json").read_text()) == data
     assert ran_nothing(run(["dvc", "repro"], project).stdout)

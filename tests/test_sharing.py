@@ -1,7 +1,8 @@
 """Sharing preprocessed data and results across a lab, with the real `git` and `dvc` in temp dirs.
 
 Clone A is a copy of the preprocessed tiny project that pushes to a directory remote; the other
-clones are `git clone`s of A, as a labmate's checkout would be.
+clones are `git clone`s of A, as a labmate's checkout would be. The workflow of docs/sharing.md
+runs verbatim: its code blocks are parsed from the file and run by bash with `set -e`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import os
 import re
 import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,7 +24,32 @@ import pytest
 import yaml
 from conftest import REPO, run
 
-PREPROCESSING = {"synthesize", "frames", "train_magnifier", "magnify", "flow", "landmarks", "pack"}
+PREPROCESSING = {"synthesize", "frames", "magnify", "flow", "landmarks", "pack"}
+SHARING_DOC = REPO / "docs" / "sharing.md"
+
+
+def workflow_blocks() -> tuple[str, str]:
+    """The two bash blocks of docs/sharing.md's "Workflow": whoever preprocesses, then a labmate."""
+    text = SHARING_DOC.read_text()
+    section = text[text.index("## Workflow"):]
+    section = section[:section.index("\n## ", 1)]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    assert len(blocks) == 2, blocks
+    return blocks[0], blocks[1]
+
+
+def run_block(block: str, cwd: Path, **subst: str) -> subprocess.CompletedProcess:
+    """A docs block as a bash script with `set -e` (placeholders like <url> replaced): any failing
+    command fails the test, as it would stop a user's script."""
+    for name, value in subst.items():
+        block = block.replace(f"<{name}>", value)
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               GIT_AUTHOR_NAME="lab", GIT_AUTHOR_EMAIL="lab@example.com", GIT_COMMITTER_NAME="lab",
+               GIT_COMMITTER_EMAIL="lab@example.com")
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=cwd, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, f"{block}\nexit {result.returncode}:\n{result.stdout}\n{result.stderr}"
+    return result
 
 
 class Lab(NamedTuple):
@@ -49,13 +77,16 @@ def h5_digests(project: Path) -> dict[str, str]:
 
 
 def data_files(project: Path) -> list[str]:
-    """Every DVC-tracked workspace file (raw synthetic frames, interim and processed HDF5)."""
-    return sorted(str(p.relative_to(project)) for p in (project / "data").rglob("*")
-                  if p.is_file() and p.name != ".gitignore")
+    """Every DVC-tracked workspace file under data/ (raw synthetic frames, interim and processed
+    HDF5), not the files git carries (.gitignore files, train's data/features.h5)."""
+    in_git = set(run(["git", "ls-files", "data"], project).stdout.split())
+    files = (str(p.relative_to(project)) for p in (project / "data").rglob("*") if p.is_file())
+    return sorted(f for f in files if f not in in_git)
 
 
 def assert_clean(project: Path, *targets: str) -> None:
-    status = run(["dvc", "status", *targets], project).stdout
+    """`dvc status` of the targets (default: the main pipeline; magnification/dvc.yaml is opt-in)."""
+    status = run(["dvc", "status", *(targets or ("dvc.yaml",))], project).stdout
     assert "up to date" in status, status
 
 
@@ -82,8 +113,7 @@ def lab(tiny_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Lab:
     assert_clean(a, "pack")  # `dvc repro` already stored the preprocessing outputs in A's cache
     run(["dvc", "remote", "add", "-d", "shared", str(remote)], a)
     trained = run(["dvc", "repro"], a)
-    assert running_stages(trained.stdout) == {"train", "fit", "baselines", "tsne", "eval_magnification"}, \
-        trained.stdout
+    assert running_stages(trained.stdout) == {"train", "fit", "baselines", "tsne"}, trained.stdout
     run(["git", "add", "-A"], a)
     run(["git", "commit", "-qm", "preprocessed + tiny training"], a)
     run(["dvc", "push"], a)
@@ -91,14 +121,45 @@ def lab(tiny_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Lab:
     return Lab(a, remote, run(["git", "rev-parse", "HEAD"], a).stdout.strip())
 
 
-def test_pull_then_repro_runs_nothing_and_gives_a_s_bytes(lab: Lab, tmp_path: Path) -> None:
-    b = git_clone(lab.a, tmp_path / "B")
-    assert h5_digests(b) == {}  # git carries dvc.lock, not the data
-    run(["dvc", "pull"], b)
-    result = run(["dvc", "repro", "pack"], b)
+def test_labmate_sequence_after_a_full_push_runs_nothing_and_gives_a_s_bytes(lab: Lab,
+                                                                              tmp_path: Path) -> None:
+    _, labmate = workflow_blocks()
+    result = run_block(labmate, tmp_path, url=str(lab.a))
+    b = tmp_path / "mer"
     assert running_stages(result.stdout) == set(), result.stdout
+    assert pulled_stages(result.stdout) >= PREPROCESSING | {"fit"}, result.stdout
     assert len(h5_digests(lab.a)) == 5 and h5_digests(b) == h5_digests(lab.a)
     assert data_files(b) == data_files(lab.a)
+    assert (b / "models/mihf_tr.pt").read_bytes() == (lab.a / "models/mihf_tr.pt").read_bytes()
+    assert_clean(b)
+
+
+def test_docs_sequence_after_only_preprocessing_was_pushed(lab: Lab, tmp_path: Path) -> None:
+    """The committed dvc.lock names outputs of a full run (train's, fit's model) that nobody pushed;
+    someone changes a preprocessing param and runs the preprocessing block, a labmate the labmate block."""
+    preprocessor, labmate = workflow_blocks()
+    ref = git_clone(lab.a, tmp_path / "ref")  # the repository as published: a full run's dvc.lock
+    run(["dvc", "remote", "modify", "shared", "url", str(tmp_path / "remote")], ref)
+    run(["git", "commit", "-qam", "a remote of our own"], ref)
+    origin = tmp_path / "origin.git"
+    run(["git", "clone", "-q", "--bare", str(ref), str(origin)], tmp_path)
+    p = git_clone(origin, tmp_path / "P")
+    params = yaml.safe_load((p / "params.yaml").read_text())
+    params["magnify"]["alpha"] = 2.0
+    (p / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    ran = run_block(preprocessor, p)
+    assert running_stages(ran.stdout) == PREPROCESSING, ran.stdout  # a fresh clone: nothing cached yet
+    assert "fit" in lock_stages(p) and not (p / "models/mihf_tr.pt").exists()  # named, never made here
+
+    plain = git_clone(origin, tmp_path / "plain")
+    pulled = run(["dvc", "pull"], plain, check=False)  # what the docs say not to rely on
+    assert pulled.returncode == 1 and "models/mihf_tr.pt" in pulled.stderr, pulled.stderr
+
+    result = run_block(labmate, tmp_path, url=str(origin))
+    b = tmp_path / "mer"
+    assert not running_stages(result.stdout) & PREPROCESSING, result.stdout  # pulled, not rerun
+    assert running_stages(result.stdout) == {"train", "fit", "baselines", "tsne"}, result.stdout
+    assert h5_digests(b) == h5_digests(p) and len(h5_digests(b)) == 5
     assert_clean(b)
 
 
@@ -111,17 +172,14 @@ def test_repro_pull_restores_preprocessing_instead_of_running_it(lab: Lab, tmp_p
     if not keep_lock:  # then nothing can be pulled by hash: only the run-cache can skip the stages
         (b / "dvc.lock").unlink()
     result = run(["dvc", "repro", "--pull", "pack"], b)
-    # without dvc.lock, the magnifier's git-tracked weights (cache: false) cannot be known up to date
-    # from the run-cache: that stage reruns (same bytes), everything else is restored
-    rerun = set() if keep_lock else {"train_magnifier"}
-    assert running_stages(result.stdout) == rerun, result.stdout
+    assert running_stages(result.stdout) == set(), result.stdout
     restored = pulled_stages(result.stdout) if keep_lock else run_cached_stages(result.stdout)
-    assert restored == PREPROCESSING - {"train_magnifier"}, result.stdout  # git carries its weights
+    assert restored == PREPROCESSING, result.stdout
     assert h5_digests(b) == h5_digests(lab.a)
     expected = lock_stages(lab.a)
     if not keep_lock:
         # `dvc repro pack` relocks preprocessing only
-        for stage in ("train", "fit", "baselines", "tsne", "eval_magnification"):
+        for stage in ("train", "fit", "baselines", "tsne"):
             del expected[stage]
     assert lock_stages(b) == expected
     assert_clean(b, "pack")

@@ -13,9 +13,9 @@ import openpyxl
 import pandas as pd
 import pytest
 
-from stages import face
+from mer import face
+from mer.common import PipelineError
 from stages import synthesize as syn
-from stages.common import PipelineError
 
 REPO = Path(__file__).resolve().parents[1]
 # Seed 3: the happiness and surprise samples have no blink (their flow is then AU motion only).

@@ -15,8 +15,9 @@ from conftest import run
 from sklearn.metrics import accuracy_score, f1_score, recall_score
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
-from stages import metrics, train
-from stages.common import read_h5
+from mer import metrics
+from mer.common import read_h5
+from stages import train
 
 CLASSES = ["negative", "positive", "surprise", "other"]
 
@@ -174,7 +175,7 @@ def test_composite_gets_per_dataset_scores_and_panels(tmp_path, monkeypatch):
     per dataset, and the confusion figure a panel per dataset."""
     from PIL import Image
 
-    from stages.common import write_h5
+    from mer.common import write_h5
 
     rng = np.random.default_rng(1)
     subjects = np.array(["casme2_sub01", "casme2_sub02", "smic_s1", "smic_s2"] * 2)
@@ -210,10 +211,10 @@ def ran_stages(output: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def train_project(tiny_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the tiny pipeline project (tiny params) where all but training has run."""
+    """A copy of the tiny pipeline project (tiny params) where preprocessing and the magnifier ran."""
     project = tmp_path_factory.mktemp("train") / "project"
     shutil.copytree(tiny_project, project, symlinks=True)
-    run(["dvc", "repro", "eval_magnification"], project)
+    run(["dvc", "repro", "magnification/dvc.yaml"], project)  # the opt-in pipeline, tiny params
     return project
 
 

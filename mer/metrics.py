@@ -1,4 +1,4 @@
-"""Scores of a Leave-One-Subject-Out evaluation (MEGC2019 definition). Pure functions, no I/O.
+"""Scores of a Leave-One-Subject-Out evaluation (MEGC2019 definition), on scikit-learn. No I/O.
 
 Pooled (the reported numbers, paper eq. 9): the predictions of ALL folds are put together, then
 per class c of the C classes (every class of the dataset, predicted or not)
@@ -6,7 +6,8 @@ per class c of the C classes (every class of the dataset, predicted or not)
     F1_c = 2 TP_c / (2 TP_c + FP_c + FN_c)        recall_c = TP_c / n_c
 
 (0 where the denominator is 0: a class never predicted and never true scores 0), and
-UF1 = mean_c F1_c, UAR = mean_c recall_c, accuracy = sum_c TP_c / N.
+UF1 = mean_c F1_c, UAR = mean_c recall_c, accuracy = sum_c TP_c / N: scikit-learn's f1_score and
+recall_score with labels = every class, average=None, zero_division=0, then the plain mean.
 
 Per-fold mean (`per_fold_mean`, reported for comparison only, NOT comparable with published
 pooled numbers): UF1 / UAR of each fold (test subject) alone, macro over the classes that occur in
@@ -20,57 +21,56 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from sklearn import metrics as skm
 
 DECIMALS = 6
 
 
-def confusion_matrix(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray,
-                     num_classes: int) -> np.ndarray:
-    """C x C int64 counts, rows = true class, columns = predicted class."""
+def _checked(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray,
+             num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Both label arrays as int64, same shape, every index in 0..num_classes-1 (scikit-learn would
+    silently leave an index outside `labels` out of every count)."""
     y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
     if y_true.shape != y_pred.shape:
         raise ValueError(f"y_true {y_true.shape} and y_pred {y_pred.shape} differ in shape")
     for name, y in (("y_true", y_true), ("y_pred", y_pred)):
         if y.size and (y.min() < 0 or y.max() >= num_classes):
             raise ValueError(f"{name} holds a class index outside 0..{num_classes - 1}")
-    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(cm, (y_true, y_pred), 1)
-    return cm
+    return y_true, y_pred
 
 
-def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
-    return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
-
-
-def scores_from_confusion(cm: np.ndarray, classes: Sequence[str] | None = None) -> dict[str, Any]:
-    """UF1, UAR, accuracy and per-class f1 / recall / support over ALL rows of the confusion matrix."""
-    cm = np.asarray(cm, dtype=np.int64)
-    tp = np.diag(cm)
-    support = cm.sum(axis=1)  # n_c
-    predicted = cm.sum(axis=0)
-    fp, fn = predicted - tp, support - tp
-    f1 = _safe_div(2 * tp, 2 * tp + fp + fn)
-    recall = _safe_div(tp, support)
-    names = list(classes) if classes is not None else [str(i) for i in range(len(cm))]
-    if len(names) != len(cm):
-        raise ValueError(f"{len(names)} class names for a {len(cm)}-class confusion matrix")
-    total = int(cm.sum())
-    return {
-        "uf1": float(f1.mean()) if len(cm) else 0.0,
-        "uar": float(recall.mean()) if len(cm) else 0.0,
-        "accuracy": float(tp.sum() / total) if total else 0.0,
-        "per_class": {
-            name: {"f1": float(f), "recall": float(r), "support": int(s)}
-            for name, f, r, s in zip(names, f1, recall, support)
-        },
-    }
+def confusion_matrix(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray,
+                     num_classes: int) -> np.ndarray:
+    """C x C int64 counts, rows = true class, columns = predicted class."""
+    y_true, y_pred = _checked(y_true, y_pred, num_classes)
+    if not y_true.size:
+        return np.zeros((num_classes, num_classes), dtype=np.int64)
+    return skm.confusion_matrix(y_true, y_pred, labels=np.arange(num_classes)).astype(np.int64)
 
 
 def pooled_scores(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray,
                   classes: Sequence[str]) -> dict[str, Any]:
-    """MEGC2019 scores of predictions pooled over all folds (see the module docstring)."""
-    return scores_from_confusion(confusion_matrix(y_true, y_pred, len(classes)), classes)
+    """MEGC2019 scores of predictions pooled over all folds (see the module docstring): UF1, UAR,
+    accuracy and per-class f1 / recall / support over ALL the classes."""
+    names = list(classes)
+    y_true, y_pred = _checked(y_true, y_pred, len(names))
+    labels = np.arange(len(names))
+    if not (y_true.size and len(names)):
+        zeros = np.zeros(len(names))
+        f1, recall = zeros, zeros
+    else:
+        f1 = skm.f1_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
+        recall = skm.recall_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
+    support = np.bincount(y_true, minlength=len(names))
+    return {
+        "uf1": float(f1.mean()) if len(names) else 0.0,
+        "uar": float(recall.mean()) if len(names) else 0.0,
+        "accuracy": float(skm.accuracy_score(y_true, y_pred)) if y_true.size else 0.0,
+        "per_class": {
+            name: {"f1": float(f), "recall": float(r), "support": int(n)}
+            for name, f, r, n in zip(names, f1, recall, support)
+        },
+    }
 
 
 def subject_datasets(subjects: Sequence[str] | np.ndarray) -> np.ndarray:
@@ -103,14 +103,10 @@ def fold_scores(y_true: Sequence[int] | np.ndarray,
                 y_pred: Sequence[int] | np.ndarray) -> tuple[float, float]:
     """(UF1, UAR) of one fold, macro over the classes in its true or predicted labels."""
     y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
-    present = np.union1d(y_true, y_pred)
-    if present.size == 0:
+    if y_true.size == 0:
         raise ValueError("a fold with no samples has no score")
-    # Relabel to 0..k-1 over the present classes only.
-    remap = {c: i for i, c in enumerate(present)}
-    cm = confusion_matrix([remap[c] for c in y_true], [remap[c] for c in y_pred], len(present))
-    scores = scores_from_confusion(cm)
-    return scores["uf1"], scores["uar"]
+    return (float(skm.f1_score(y_true, y_pred, average="macro", zero_division=0)),
+            float(skm.recall_score(y_true, y_pred, average="macro", zero_division=0)))
 
 
 def per_fold_mean(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray,

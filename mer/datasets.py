@@ -42,7 +42,7 @@ from typing import Any, ClassVar
 
 import pandas as pd
 
-from stages.common import PipelineError
+from mer.common import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -782,7 +782,7 @@ def get_dataset(
 
 
 def dataset_from_params(data: Mapping[str, Any]) -> MicroExpressionDataset:
-    """The dataset of params.yaml's `data` section (README, "Your own dataset")."""
+    """The dataset of params.yaml's `data` section (docs/datasets.md, "Your own dataset")."""
     name = str(data["dataset"]).strip().lower()
     if name == Megc2019.name:
         # Member roots are relative to data.root, the one folder DVC tracks for the `frames` stage.
@@ -798,7 +798,7 @@ def dataset_from_params(data: Mapping[str, Any]) -> MicroExpressionDataset:
 
 
 def fix_table_markdown() -> str:
-    """Every dataset's fix table as one markdown table (for the README's "Label fixes")."""
+    """Every dataset's fix table as one markdown table (for docs/datasets.md, "Label fixes")."""
     lines = [
         "| dataset | sample | defect | repair | reason |",
         "|---|---|---|---|---|",

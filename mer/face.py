@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import dlib
 import numpy as np
 
-from stages.common import PipelineError
+from mer.common import PipelineError
 
 PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
 CNN_FILE = "mmod_human_face_detector.dat"
@@ -25,6 +26,7 @@ JAW = slice(0, 17)  # dlib points 0-16: the face contour, unrelated to micro-exp
 KEPT = slice(17, 68)  # the 51 points the model uses: brows, nose, eyes, mouth
 LEFT_EYE = slice(36, 42)  # image-left eye (the subject's right)
 RIGHT_EYE = slice(42, 48)
+T = TypeVar("T")
 
 
 def packaged_model(filename: str, setting: str) -> Path:
@@ -43,24 +45,22 @@ def default_predictor_path() -> Path:
     return packaged_model(PREDICTOR_FILE, "landmarks.predictor")
 
 
-def predictor_path(configured: str | None) -> Path:
-    path = Path(configured) if configured else default_predictor_path()
+def model_path(configured: str | None, filename: str, setting: str, what: str) -> Path:
+    """The dlib model file `setting` names (`configured`), or face-recognition-models' `filename`
+    when it is empty; checked to exist."""
+    path = Path(configured) if configured else packaged_model(filename, setting)
     if not path.is_file():
-        raise PipelineError(
-            f"dlib predictor file {path} does not exist: set landmarks.predictor to the path of "
-            f"{PREDICTOR_FILE} (or leave it empty to use face-recognition-models')"
-        )
+        raise PipelineError(f"{what} file {path} does not exist: set {setting} to the path of {filename} "
+                            "(or leave it empty to use face-recognition-models')")
     return path
+
+
+def predictor_path(configured: str | None) -> Path:
+    return model_path(configured, PREDICTOR_FILE, "landmarks.predictor", "dlib predictor")
 
 
 def cnn_detector_path(configured: str | None) -> Path:
-    path = Path(configured) if configured else packaged_model(CNN_FILE, "landmarks.cnn_detector")
-    if not path.is_file():
-        raise PipelineError(
-            f"dlib CNN face detector file {path} does not exist: set landmarks.cnn_detector to the path "
-            f"of {CNN_FILE} (or leave it empty to use face-recognition-models')"
-        )
-    return path
+    return model_path(configured, CNN_FILE, "landmarks.cnn_detector", "dlib CNN face detector")
 
 
 def check_detectors(detectors: object, setting: str) -> tuple[str, ...]:
@@ -77,22 +77,24 @@ def detector() -> dlib.fhog_object_detector:
     return dlib.get_frontal_face_detector()
 
 
+def load_model(loader: Callable[[str], T], path: Path, what: str, setting: str, filename: str) -> T:
+    """`loader(path)`, a dlib model constructor; an unreadable file is one line naming the setting."""
+    try:
+        return loader(str(path))
+    except RuntimeError as err:
+        raise PipelineError(f"dlib could not read {what} {path} ({err}): point {setting} "
+                            f"at a valid {filename}") from err
+
+
 @functools.cache
 def cnn_detector(path: Path) -> dlib.cnn_face_detection_model_v1:
-    try:
-        return dlib.cnn_face_detection_model_v1(str(path))
-    except RuntimeError as err:
-        raise PipelineError(f"dlib could not read CNN face detector {path} ({err}): point "
-                            f"landmarks.cnn_detector at a valid {CNN_FILE}") from err
+    return load_model(dlib.cnn_face_detection_model_v1, path, "CNN face detector", "landmarks.cnn_detector",
+                      CNN_FILE)
 
 
 @functools.cache
 def predictor(path: Path) -> dlib.shape_predictor:
-    try:
-        return dlib.shape_predictor(str(path))
-    except RuntimeError as err:
-        raise PipelineError(f"dlib could not read predictor {path} ({err}): point landmarks.predictor "
-                            f"at a valid {PREDICTOR_FILE}") from err
+    return load_model(dlib.shape_predictor, path, "predictor", "landmarks.predictor", PREDICTOR_FILE)
 
 
 def find_face(image: np.ndarray, detect_width: int, upsample: int, detectors: Sequence[str] = DETECTORS,

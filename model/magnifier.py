@@ -1,20 +1,22 @@
 """Learning-based motion magnification (Oh et al., ECCV 2018), trained here on synthetic motion.
 
-Stage `train_magnifier` (`python -m stages.magnifier`): trains the network on scenes the project
-renders itself (exact ground truth, seeded) and writes `models/magnifier.pt` atomically, same
-params → same bytes. `magnify.method: learned` (stages/magnify.py) loads it.
+The network, its training data (scenes the project renders itself: exact ground truth, seeded) and
+its trainer. Stage `train_magnifier` (stages/train_magnifier.py, pipeline magnification/dvc.yaml)
+writes the weights to `magnify.weights` atomically, same params → same bytes;
+`magnify.method: learned` (stages/magnify.py) loads them.
 
 Network after the official code (12dmodel/deep_motion_mag, MIT), static two-frame mode
 (reference = onset): encoder → texture (1/4 res) and shape (1/2 res) representations, manipulator
 M_b + h((α − 1)·g(M_b − M_a)) on the shape, decoder back to RGB. 32 channels, reflect padding,
-no normalisation. Three documented changes for CPU-sized training (README, "Learned magnification"):
+no normalisation. Three documented changes for CPU-sized training (docs/magnification.md):
 
 * the decoder predicts a residual added to the apex (its last conv starts at 0.1× its default
   init), so an untrained net is ≈ the identity and the CPU steps go into motion, not reconstruction;
 * a LeakyReLU before that last conv (a ReLU there died and froze the net at the identity);
 * h has no biases, so h(0) = 0 and α = 1 is *exactly* the net's reconstruction of the apex.
 
-This file is its own module (not under model/) so that editing it never invalidates `train`.
+No stage but the magnifier's own depends on this file (dvc.yaml lists model files one by one), so
+editing it never invalidates `train`, nor editing MiHF-Tr the magnifier.
 """
 
 from __future__ import annotations
@@ -31,9 +33,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from stages.common import PipelineError, atomic_path, load_params, run_main
+from mer.common import PipelineError, atomic_path
 
-WEIGHTS = Path("models/magnifier.pt")
 # The decoder's last conv starts at this × PyTorch's default init: output ≈ apex at step 0. With a
 # near-zero residual, L1 drives the ReLU before that conv to die within ~50 Adam steps (measured: all
 # activations 0, the net frozen at the identity), hence a LeakyReLU there.
@@ -326,21 +327,8 @@ def save_weights(state: dict[str, torch.Tensor], path: Path | str) -> None:
 def load_model(path: Path | str) -> Magnifier:
     path = Path(path)
     if not path.exists():
-        raise PipelineError(f"{path} is missing: run `dvc repro train_magnifier`")
+        raise PipelineError(f"{path} is missing: run `dvc repro magnification/dvc.yaml:train_magnifier`")
     model = Magnifier()
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()
 
-
-def main() -> None:
-    p = load_params()["magnifier"]
-    start = time.perf_counter()
-    state = train_magnifier(p)
-    save_weights(state, WEIGHTS)
-    n = sum(v.numel() for k, v in state.items())
-    print(f"train_magnifier: {n} parameters, {p['steps']} steps x {p['batch']} patches of {p['patch']}² "
-          f"in {time.perf_counter() - start:.0f} s -> {WEIGHTS}")
-
-
-if __name__ == "__main__":
-    run_main(main)

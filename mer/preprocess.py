@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from stages import face
-from stages.common import PipelineError
+from mer import face
+from mer.common import PipelineError
 from stages.flow import flow_pair
 from stages.frames import align_pair
 from stages.landmarks import landmarks_pair

@@ -1,7 +1,9 @@
-"""Helpers every stage shares: params, one-line errors, atomic HDF5 files, a process pool."""
+"""Helpers every stage shares: params, the paths dvc.yaml passes, one-line errors, atomic files (HDF5,
+figures), a process pool."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -18,6 +20,8 @@ import yaml
 from tqdm import tqdm
 
 PARAMS_FILE = Path("params.yaml")
+# Per format, the metadata keys whose default (software version, date) would change a figure's bytes.
+STABLE_FIGURE_METADATA = {"png": {"Software": None}, "svg": {"Date": None}, "pdf": {"CreationDate": None}}
 PACKAGES = ("numpy", "opencv-contrib-python-headless", "dlib-bin", "h5py", "scikit-image", "torch")
 
 
@@ -28,6 +32,24 @@ class PipelineError(Exception):
 def load_params(path: Path | str = PARAMS_FILE) -> dict[str, Any]:
     with open(path) as f:
         return yaml.safe_load(f)
+
+
+def stage_paths(stage: str, names: Sequence[str], argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The files a stage reads and writes, each a required `--<name> PATH` option: dvc.yaml passes
+    them (the one place a path is written), so the stage's command and its deps/outs cannot disagree."""
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=f"DVC stage {stage}")
+    for name in names:
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=Path, required=True)
+    return parser.parse_args(argv)
+
+
+def stage_command(project: Path | str, stage: str) -> str:
+    """The command dvc.yaml gives `stage` in `project`, templates resolved (for benchmarks and tests
+    that run a stage as `dvc repro` would)."""
+    from dvc.repo import Repo
+
+    with Repo(str(project)) as repo:
+        return next(s.cmd for s in repo.index.stages if s.name == stage)
 
 
 def run_main(main: Callable[[], None]) -> None:
@@ -45,17 +67,23 @@ def worker_count(requested: int) -> int:
 
 
 @contextlib.contextmanager
-def single_threaded_opencv() -> Iterator[None]:
+def single_threaded(get_threads: Callable[[], int], set_threads: Callable[[int], None]) -> Iterator[None]:
+    """A library's thread pool (torch.get/set_num_threads, cv2.get/setNumThreads) at one thread
+    inside the block, restored after it."""
+    threads = get_threads()
+    set_threads(1)
+    try:
+        yield
+    finally:
+        set_threads(threads)
+
+
+def single_threaded_opencv() -> contextlib.AbstractContextManager[None]:
     """OpenCV on one thread inside the block. Around a fork this is also a fix: OpenCV's thread
     pool does not survive fork, and a child touching a pool copied mid-wait can block forever."""
     import cv2
 
-    threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    try:
-        yield
-    finally:
-        cv2.setNumThreads(threads)
+    return single_threaded(cv2.getNumThreads, cv2.setNumThreads)
 
 
 def parallel_map(
@@ -86,6 +114,27 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def save_figure(fig: Any, path: Path | str, dpi: int = 100) -> None:
+    """Write a matplotlib figure atomically in the format of the path's suffix (png, pdf, svg), without
+    the metadata that changes bytes from run to run, then close it if pyplot made it."""
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=dpi, metadata=STABLE_FIGURE_METADATA.get(fmt))
+    if "matplotlib.pyplot" in sys.modules:
+        sys.modules["matplotlib.pyplot"].close(fig)
+
+
+def new_figure(nrows: int = 1, ncols: int = 1, **kwargs: Any) -> tuple[Any, Any]:
+    """(figure, axes) as `plt.subplots` gives them, on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(nrows, ncols, **kwargs)
 
 
 def _attr_value(value: Any) -> Any:
@@ -122,6 +171,12 @@ def read_h5(
             data = f[name]
             arrays[name] = data.asstr()[()] if h5py.check_string_dtype(data.dtype) else data[()]
         return arrays, dict(f.attrs)
+
+
+def class_names(attrs: dict[str, Any]) -> list[str]:
+    """The `classes` attribute of a file written by write_h5 (JSON text there), as a list of names."""
+    classes = attrs["classes"]
+    return json.loads(classes) if isinstance(classes, str) else list(classes)
 
 
 def package_versions() -> dict[str, str]:

@@ -1,0 +1,1 @@
+"""Library of the micro-expression recognition pipeline: dataset readers, face finding, metrics, I/O."""
