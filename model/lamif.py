@@ -25,7 +25,7 @@ from model.stems import IMAGE_SIZE
 
 MODALITIES = ("appearance", "motion", "geometry")
 LOCAL_FUSIONS = ("sc-sa", "sa-mean", "sa-max", "concat-fc")
-SCSA_INITS = ("self", "random")
+SCSA_INITS = ("soft", "self", "random")
 WEAK_INDEX = {"appearance": 0, "geometry": 1}  # position of w_a, w_g in SCSA.w
 
 
@@ -89,9 +89,13 @@ class SelfAttention3(nn.Module):
     """Single-head self-attention among the k modality tokens of each landmark (eq. 5).
 
     init "self": W_Q = W_K = I (W_V as torch initialises it), so at the start each modality's row
-    attends mostly to its own token (logit |x|^2 / sqrt(d) vs x_i . x_j / sqrt(d)) and eq. 6's
-    alpha really weights motion against the weak rows. A random W_Q, W_K ("random") starts near
-    uniform attention: every row is then the same mix of all three tokens and alpha does nothing.
+    attends to its own token (logit |x|^2 / sqrt(d) vs x_i . x_j / sqrt(d)) and eq. 6's alpha
+    really weights motion against the weak rows. On layer-normalised tokens (|x|^2 = d) the self
+    logit is sqrt(d) = 16: the softmax is saturated, its gradient ~e^-16, and the attention never
+    moves from the identity. "soft": W_Q = W_K = d^(-1/4) I, a self logit of 1 (self weight ~0.58
+    of 3 tokens): each row starts on its own token and can still learn where to look. A random
+    W_Q, W_K ("random") starts near uniform attention: every row is then the same mix of all three
+    tokens and alpha does nothing.
     """
 
     def __init__(self, dim: int, init: str = "self"):
@@ -102,10 +106,11 @@ class SelfAttention3(nn.Module):
         self.k = nn.Linear(dim, dim, bias=False)  # W_K
         self.v = nn.Linear(dim, dim, bias=False)  # W_V
         self.scale = dim**-0.5
-        if init == "self":
+        if init in ("self", "soft"):
+            gain = 1.0 if init == "self" else dim**-0.25
             with torch.no_grad():
-                self.q.weight.copy_(torch.eye(dim))
-                self.k.weight.copy_(torch.eye(dim))
+                self.q.weight.copy_(torch.eye(dim) * gain)
+                self.k.weight.copy_(torch.eye(dim) * gain)
 
     def forward(self, tokens: Tensor) -> Tensor:
         """B x N x k x d -> B x N x k x d; row i = Softmax(Q_i K / sqrt(d)) V^T (eq. 5)."""

@@ -62,7 +62,7 @@ class ModelConfig:
     landmark_jitter_train: float = 1.0
     landmark_jitter_test: float = 0.0
     embed_norm: bool = True
-    scsa_init: str = "self"
+    scsa_init: str = "soft"
     dropout: float = 0.0
     block_dropout: float = 0.0
     mirror_test: bool = True

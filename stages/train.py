@@ -1,10 +1,11 @@
 """Stage `train`: Leave-One-Subject-Out training and evaluation of MiHF-Tr, `python -m stages.train`.
 
-Reads `data/processed/<data.dataset>.h5` (contracts.md). One fold per subject (sklearn
-`LeaveOneGroupOut` over the `subject` array): a fresh model is trained on the other subjects for a
-FIXED number of epochs (`train.epochs`) and the model of the last epoch predicts the held-out
-subject. Nothing (epoch, checkpoint, threshold) is ever chosen on the test subject. The
-predictions of all folds are pooled and scored with the MEGC2019 definition (stages/metrics.py).
+Reads the processed HDF5 (docs/hdf5.md); every path comes from dvc.yaml's command line.
+One fold per subject (sklearn `LeaveOneGroupOut` over the `subject` array): a fresh model is
+trained on the other subjects for a FIXED number of epochs (`train.epochs`) and the model of the
+last epoch predicts the held-out subject. Nothing (epoch, checkpoint, threshold) is ever chosen on
+the test subject. The predictions of all folds are pooled and scored with the MEGC2019 definition
+(mer/metrics.py).
 
 Optimisation (paper §4.2): Adam, lr `train.lr` (1e-3), divided by 10 (`lr_gamma`) every `lr_step`
 (20) epochs (StepLR), `epochs` (100), batches of at most `batch_size` (64). An epoch's shuffled
@@ -35,7 +36,7 @@ Outputs (atomic):
 - `metrics/per_fold.csv`: `subject`, `n`, `uf1`, `uar`, `accuracy` of each fold (test subject) alone
   (`stages.metrics.fold_scores`), one row per subject in fold order: the paired samples of the Wilcoxon
   test between two variants (`python -m stages.report wilcoxon`).
-- `data/features.h5` (stages.common.write_h5, deterministic): the out-of-fold fused feature F_ME of
+- `data/features.h5` (mer.common.write_h5, deterministic): the out-of-fold fused feature F_ME of
   every sample (`features`, N x d float32: the held-out subject through its fold's final model, eval
   mode, the same forward that gives the probabilities) with `subject`, `sample`, `label`, `pred`
   (class indices), rows in the order of predictions.csv; attrs `classes`, `dataset`, `model` (JSON).
@@ -53,6 +54,7 @@ import os
 import queue
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from multiprocessing import get_context
 from pathlib import Path
@@ -66,10 +68,12 @@ from tqdm import tqdm
 from mer.common import (
     PipelineError,
     atomic_path,
+    class_names,
     load_params,
     read_h5,
     run_main,
     save_figure,
+    stage_paths,
     worker_count,
     write_h5,
 )
@@ -85,15 +89,7 @@ from mer.metrics import (
 from model import MiHFTr, ModelConfig, build_loss, count_parameters, prepare_batch
 from model.augment import mirror_flow, mirror_images, mirror_landmarks
 
-PROCESSED = Path("data/processed")
-METRICS = Path("metrics")
-LOSO_JSON = METRICS / "loso.json"
-TIMING_JSON = METRICS / "timing.json"
-PREDICTIONS_CSV = METRICS / "predictions.csv"
-PER_FOLD_CSV = METRICS / "per_fold.csv"
-FEATURES_H5 = Path("data/features.h5")
-LOSS_CSV = METRICS / "train_loss.csv"
-CONFUSION_PNG = METRICS / "confusion.png"
+OUTPUTS = ("loso", "timing", "predictions", "per_fold", "features", "loss", "confusion")
 ARRAYS = ("apex", "flow", "landmarks", "label", "subject", "sample")
 
 
@@ -535,14 +531,16 @@ def configure(params: dict) -> tuple[TrainConfig, ModelConfig, torch.device]:
 def load_processed(h5_path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any], list[str]]:
     """(arrays, attrs, class names) of the processed HDF5; an empty file is an error."""
     arrays, attrs = read_h5(h5_path, ARRAYS)
-    classes = json.loads(attrs["classes"]) if isinstance(attrs["classes"], str) else list(attrs["classes"])
+    classes = class_names(attrs)
     if len(arrays["label"]) == 0:
         raise PipelineError(f"{h5_path} holds no samples")
     return arrays, attrs, classes
 
 
-def evaluate(params: dict, h5_path: Path) -> dict[str, Any]:
-    """Run LOSO on the processed file with these params; write every output; return the metrics."""
+def evaluate(params: dict, h5_path: Path, out: Any) -> dict[str, Any]:
+    """Run LOSO on the processed file with these params; write every output to its path in `out`
+    (attributes named as OUTPUTS: loso, timing, predictions, per_fold, features, loss, confusion);
+    return the metrics."""
     t_start = time.perf_counter()
     cfg, model_cfg, device = configure(params)
     arrays, attrs, classes = load_processed(h5_path)
@@ -574,13 +572,13 @@ def evaluate(params: dict, h5_path: Path) -> dict[str, Any]:
     per_dataset = per_dataset_scores(labels, y_pred, subjects, classes)
     if per_dataset:  # a composite (megc2019): each dataset pooled over its folds, as MEGC2019 reports
         metrics["per_dataset"] = per_dataset
-    write_json(LOSO_JSON, metrics)
-    write_predictions(PREDICTIONS_CSV, subjects, np.asarray(arrays["sample"]), labels, probs, classes)
-    write_per_fold(PER_FOLD_CSV, labels, y_pred, folds)
-    write_features(FEATURES_H5, features, subjects, np.asarray(arrays["sample"]), labels, y_pred,
+    write_json(out.loso, metrics)
+    write_predictions(out.predictions, subjects, np.asarray(arrays["sample"]), labels, probs, classes)
+    write_per_fold(out.per_fold, labels, y_pred, folds)
+    write_features(out.features, features, subjects, np.asarray(arrays["sample"]), labels, y_pred,
                    {"classes": classes, "dataset": str(attrs.get("dataset", h5_path.stem)),
                     "model": asdict(model_cfg)})
-    write_loss_curve(LOSS_CSV, results)
+    write_loss_curve(out.loss, results)
     name = attrs.get("dataset", h5_path.stem)
     panels = [(confusion_matrix(labels, y_pred, len(classes)),
                f"{name} LOSO, pooled: UF1 {scores['uf1']:.4f}, UAR {scores['uar']:.4f}")]
@@ -589,7 +587,7 @@ def evaluate(params: dict, h5_path: Path) -> dict[str, Any]:
         rows = datasets == member
         panels.append((confusion_matrix(labels[rows], y_pred[rows], len(classes)),
                        f"{member} ({score['n']}): UF1 {score['uf1']:.4f}, UAR {score['uar']:.4f}"))
-    plot_confusion(CONFUSION_PNG, panels, classes)
+    plot_confusion(out.confusion, panels, classes)
     trained = sum(len(f.train) for f in folds) * cfg.epochs
     timing = {
         "device": str(device),
@@ -599,19 +597,19 @@ def evaluate(params: dict, h5_path: Path) -> dict[str, Any]:
         "total_s": round(time.perf_counter() - t_start, 3),
         "train_samples_per_s": round(trained / max(t_end - t_train, 1e-9), 3),
     }
-    with atomic_path(TIMING_JSON) as tmp:
+    with atomic_path(out.timing) as tmp:
         tmp.write_text(json.dumps(timing, sort_keys=True, indent=2) + "\n")
     return metrics
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+    out = stage_paths("train", ["processed", *OUTPUTS], argv)
     params = load_params()
-    h5_path = PROCESSED / f"{params['data']['dataset']}.h5"
-    metrics = evaluate(params, h5_path)
+    metrics = evaluate(params, out.processed, out)
     print(f"train: LOSO over {metrics['n_folds']} subjects, {metrics['n_samples']} samples: pooled UF1 "
           f"{metrics['uf1']:.4f}, UAR {metrics['uar']:.4f}, accuracy {metrics['accuracy']:.4f} "
           f"(per-fold mean, not comparable: UF1 {metrics['per_fold_mean']['uf1']:.4f}, "
-          f"UAR {metrics['per_fold_mean']['uar']:.4f}) -> {LOSO_JSON}")
+          f"UAR {metrics['per_fold_mean']['uar']:.4f}) -> {out.loso}")
     for member, score in metrics.get("per_dataset", {}).items():
         print(f"  {member}: {score['n']} samples, UF1 {score['uf1']:.4f}, UAR {score['uar']:.4f}")
 

@@ -547,7 +547,33 @@ def test_scsa_self_init_makes_each_row_attend_to_its_own_token():
         att = torch.softmax(own.q(tokens) @ own.k(tokens).transpose(-1, -2) * own.scale, dim=-1)
     assert att.diagonal(dim1=-2, dim2=-1).min() > 0.99
     assert rows.shape == tokens.shape
+    soft = SelfAttention3(256, "soft")  # self logit ~1: starts on its own token, gradient not saturated
+    with torch.no_grad():
+        att = torch.softmax(soft.q(tokens) @ soft.k(tokens).transpose(-1, -2) * soft.scale, dim=-1)
+    diagonal = att.diagonal(dim1=-2, dim2=-1)
+    assert 0.45 < diagonal.mean() < 0.7 and diagonal.min() > 1 / 3
     rand = SelfAttention3(256, "random")
     with torch.no_grad():
         att = torch.softmax(rand.q(tokens) @ rand.k(tokens).transpose(-1, -2) * rand.scale, dim=-1)
     assert att.diagonal(dim1=-2, dim2=-1).mean() < 0.5  # near uniform (1/3)
+
+
+def test_track_apex_carries_the_onset_points_by_the_drift_free_flow():
+    """A 40 px square moving by (3, -1) px on a background drifting by (0.5, 0.5): landmarks in the
+    square get apex = onset + (3, -1), those on the background stay put; mirroring commutes."""
+    from model.augment import mirror_flow, mirror_landmarks
+    from model.gcn import track_apex
+
+    flow = torch.full((1, 2, 224, 224), 0.5)
+    flow[:, 0, 60:100, 60:100] += 3.0
+    flow[:, 1, 60:100, 60:100] -= 1.0
+    landmarks = torch.zeros(1, 51, 4)
+    landmarks[0, :, 0:2] = torch.tensor([170.0, 170.0])  # background
+    landmarks[0, 0, 0:2] = torch.tensor([80.0, 80.0])  # square centre
+    landmarks[0, :, 2:4] = 5.0  # dlib's apex points: replaced
+    tracked = track_apex(landmarks, flow)
+    assert torch.equal(tracked[..., 0:2], landmarks[..., 0:2])
+    torch.testing.assert_close(tracked[0, 0, 2:4], torch.tensor([83.0, 79.0]))
+    torch.testing.assert_close(tracked[0, 1:, 2:4], landmarks[0, 1:, 0:2])
+    mirrored = track_apex(mirror_landmarks(landmarks, 224), mirror_flow(flow))
+    torch.testing.assert_close(mirrored, mirror_landmarks(tracked, 224), atol=1e-4, rtol=0)
