@@ -143,18 +143,25 @@ def test_full_forward_and_stems_shapes():
     assert af.shape == mf.shape == (B, 256, 56, 56)
     with torch.no_grad():
         logits = model(apex, flow, landmarks_batch(B))
-        assert torch.allclose(logits, model.head(af, mf, landmarks_batch(B)), atol=1e-5)
+        head_landmarks = model.landmarks(flow, landmarks_batch(B))  # apex points tracked by the flow
+        assert not torch.equal(head_landmarks, landmarks_batch(B))
+        assert torch.allclose(logits, model.head(af, mf, head_landmarks), atol=1e-5)
         # mirror_test: the mean of the logits of the sample and of its mirror image
         from model.augment import mirror_flow, mirror_images, mirror_landmarks
 
         model.config.mirror_test = True
         af_m, mf_m = model.stems(mirror_images(apex), mirror_flow(flow))
-        mirrored = model.head(af_m, mf_m, mirror_landmarks(landmarks_batch(B), 224))
+        mirrored = model.head(af_m, mf_m, model.landmarks(mirror_flow(flow),
+                                                          mirror_landmarks(landmarks_batch(B), 224)))
         assert torch.allclose(model(apex, flow, landmarks_batch(B)), (logits + mirrored) / 2, atol=1e-5)
     assert logits.shape == (B, 4)
     only_geo = MiHFTr(ModelConfig(modalities=["geometry"]), 3)
     assert only_geo.stems(None, None) == (None, None)
-    assert only_geo(None, None, landmarks_batch(B)).shape == (B, 3)
+    assert only_geo(None, flow, landmarks_batch(B)).shape == (B, 3)
+    with pytest.raises(ValueError, match="needs the flow"):
+        only_geo(None, None, landmarks_batch(B))
+    dlib_points = MiHFTr(ModelConfig(modalities=["geometry"], apex_landmarks="dlib"), 3)
+    assert dlib_points(None, None, landmarks_batch(B)).shape == (B, 3)
 
 
 @pytest.mark.parametrize("layers", [1, 2, 5, 14])

@@ -190,9 +190,11 @@ def test_composite_gets_per_dataset_scores_and_panels(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     params = {"workers": 1, "model": {"dim": 16, "block": 2},
               "train": {"device": "cpu", "epochs": 1, "batch_size": 4, "lr_step": 1}}
-    out = train.stage_paths("train", ["processed", *train.OUTPUTS],
-                            [f"--{name.replace('_', '-')}={tmp_path / 'metrics' / name}" for name in
-                             ("processed", *train.OUTPUTS)])
+    files = {"processed": "mix.h5", "loso": "loso.json", "timing": "timing.json",
+             "predictions": "predictions.csv", "per_fold": "per_fold.csv", "features": "features.h5",
+             "loss": "train_loss.csv", "confusion": "confusion.png"}
+    out = train.stage_paths("train", list(files), [f"--{name.replace('_', '-')}={tmp_path / 'metrics' / file}"
+                                                   for name, file in files.items()])
     loso = train.evaluate(params, tmp_path / "mix.h5", out)
     y = np.array([0, 1, 2, 0, 1, 2, 0, 1])
     pred = np.array([r["pred"] for r in csv.DictReader(open(out.predictions))])
