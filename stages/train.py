@@ -70,6 +70,7 @@ from mer.common import (
     atomic_path,
     class_names,
     load_params,
+    new_figure,
     read_h5,
     run_main,
     save_figure,
@@ -487,13 +488,8 @@ def write_loss_curve(path: Path, results: list[FoldResult]) -> None:
 
 def plot_confusion(path: Path, panels: list[tuple[np.ndarray, str]], classes: list[str]) -> None:
     """One confusion matrix per (matrix, title) panel, side by side (the composite, then each dataset)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     side = 1.2 * len(classes) + 2.5
-    fig, axes = plt.subplots(1, len(panels), figsize=(side * len(panels), side - 0.5), squeeze=False)
+    fig, axes = new_figure(1, len(panels), figsize=(side * len(panels), side - 0.5), squeeze=False)
     for ax, (cm, title) in zip(axes[0], panels):
         ax.imshow(cm, cmap="Blues")
         ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
