@@ -47,6 +47,8 @@ Outputs (atomic):
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import csv
 import json
 import math
@@ -54,7 +56,7 @@ import os
 import queue
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from multiprocessing import get_context
 from pathlib import Path
@@ -63,6 +65,8 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.model_selection import LeaveOneGroupOut
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
 from tqdm import tqdm
 
 from mer.common import (
@@ -89,6 +93,8 @@ from mer.metrics import (
 )
 from model import MiHFTr, ModelConfig, build_loss, count_parameters, prepare_batch
 from model.augment import mirror_flow, mirror_images, mirror_landmarks
+from model.loss import focal_terms, loss_terms
+from model.mihf_tr import model_inputs
 
 OUTPUTS = ("loso", "timing", "predictions", "per_fold", "features", "loss", "confusion")
 ARRAYS = ("apex", "flow", "landmarks", "label", "subject", "sample")
@@ -110,6 +116,10 @@ class TrainConfig:
     flow_jitter: float = 0.0  # flow magnitude x exp(U(-j, j)) per training sample
     balance_inputs: bool = False  # scale each modality's blocks to unit RMS on the training samples
     stem_batch: int = 16  # samples per batch when caching frozen stem features (memory only)
+    fold_batch: int = 1  # folds trained together as one stacked model; 1 = one at a time, 0 = all
+    amp: str = "none"  # none | bf16 (autocast of the forward)
+    channels_last: bool = False  # trainable stems: apex, flow and convolutions in NHWC memory format
+    deterministic: str | bool = "auto"  # CUDA kernels: auto (false on CUDA; CPU's always are) | true | false
 
     @classmethod
     def from_params(cls, section: dict[str, Any] | None) -> TrainConfig:
@@ -126,12 +136,12 @@ class TrainConfig:
         return config
 
     def validate(self) -> None:
-        for name in ("seed", "epochs", "batch_size", "lr_step", "stem_batch"):
+        for name in ("seed", "epochs", "batch_size", "lr_step", "stem_batch", "fold_batch"):
             value = getattr(self, name)
-            low = 0 if name == "seed" else 1
+            low = 0 if name in ("seed", "fold_batch") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise PipelineError(f"train.{name} must be an integer >= {low}, got {value!r}")
-        for name in ("mirror", "balance_inputs"):
+        for name in ("mirror", "balance_inputs", "channels_last"):
             if not isinstance(getattr(self, name), bool):
                 raise PipelineError(f"train.{name} must be true or false, got {getattr(self, name)!r}")
         for name, low in (("lr", 0.0), ("lr_gamma", 0.0), ("weight_decay", 0.0), ("flow_jitter", 0.0)):
@@ -140,6 +150,11 @@ class TrainConfig:
                 raise PipelineError(f"train.{name} must be a number >= {low}, got {value!r}")
         if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
             raise PipelineError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.amp not in ("none", "bf16"):
+            raise PipelineError(f"train.amp must be none or bf16, got {self.amp!r}")
+        if not (self.deterministic == "auto" or isinstance(self.deterministic, bool)):
+            raise PipelineError("train.deterministic must be auto, true or false,"
+                                f" got {self.deterministic!r}")
 
 
 @dataclass(frozen=True)
@@ -195,14 +210,14 @@ def epoch_batches(indices: np.ndarray, batch_size: int, rng: np.random.Generator
 # ---- fold training (runs in this process or in forked workers that inherit _STATE) -------------
 
 _STATE: dict[str, Any] = {}  # set before the pool forks: data, cached features, configs
-_PROGRESS: Any = None  # a Queue (workers) or a callable (in process): one tick per epoch
+_PROGRESS: Any = None  # a Queue (workers) or a callable (in process): one tick per fold epoch
 
 
-def _tick() -> None:
+def _tick(n: int = 1) -> None:
     if callable(_PROGRESS):
-        _PROGRESS()
+        _PROGRESS(n)
     elif _PROGRESS is not None:
-        _PROGRESS.put(1)
+        _PROGRESS.put(n)
 
 
 def _inputs(idx: np.ndarray, mirrored: np.ndarray | None = None,
@@ -216,8 +231,10 @@ def _inputs(idx: np.ndarray, mirrored: np.ndarray | None = None,
         t = torch.from_numpy(rows).to(s["features_device"])
         a, b = (_gather(name, t) for name in ("af", "mf"))
         lm = s["landmarks"][t].to(device)
-    else:
-        a, b, lm = prepare_batch(s["apex"][idx], s["flow"][idx], s["landmarks_np"][idx], device)
+    else:  # the arrays live on the device: a batch is gathered there, never copied from numpy
+        t = torch.from_numpy(idx).to(device)
+        a, b, lm = model_inputs(*(s[name].index_select(0, t) for name in ("apex", "flow", "landmarks")),
+                                channels_last=s["train"].channels_last)
         if mirrored is not None:
             m = torch.from_numpy(mirrored).to(device)
             a = torch.where(m[:, None, None, None], mirror_images(a), a)
@@ -232,29 +249,81 @@ def _inputs(idx: np.ndarray, mirrored: np.ndarray | None = None,
 
 def _gather(name: str, t: torch.Tensor) -> torch.Tensor | None:
     """Rows t of a cached feature array, into a reused buffer (a fresh 200 MB tensor per batch costs
-    more in page faults than the copy itself)."""
+    more in page faults than the copy itself); it grows to the largest batch (all folds' rows when
+    folds train together)."""
     s = _STATE
     if s[name] is None:
         return None
     buffers = s.setdefault("buffers", {})
-    if name not in buffers:
-        buffers[name] = torch.empty((s["train"].batch_size, *s[name].shape[1:]), dtype=s[name].dtype,
-                                    device=s[name].device)
+    if name not in buffers or len(buffers[name]) < len(t):
+        buffers[name] = torch.empty((max(s["train"].batch_size, len(t)), *s[name].shape[1:]),
+                                    dtype=s[name].dtype, device=s[name].device)
     out = buffers[name][: len(t)]
     torch.index_select(s[name], 0, t, out=out)
     return out.to(s["device"])
 
 
-def _forward(net: MiHFTr, a: Any, b: Any, lm: torch.Tensor) -> torch.Tensor:
-    return net.head(a, b, lm) if _STATE["cached"] else net(a, b, lm)
+def _autocast() -> torch.autocast:
+    return torch.autocast(_STATE["device"].type, dtype=torch.bfloat16, enabled=_STATE["train"].amp == "bf16")
 
 
-def _forward_features(net: MiHFTr, a: Any, b: Any, lm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(net: MiHFTr, a: Any, b: Any, lm: torch.Tensor,
+             jitter: torch.Tensor | None = None) -> torch.Tensor:
+    """Training logits, float32 (`train.amp`: the forward in bf16 autocast); `jitter`: landmark offsets."""
+    with _autocast():
+        logits = net.head(a, b, lm, jitter=jitter) if _STATE["cached"] else net(a, b, lm, jitter)
+    return logits.float()
+
+
+def _forward_features(net: MiHFTr, a: Any, b: Any, lm: torch.Tensor,
+                      jitter: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, F_ME): the same arithmetic as _forward (net(...) is stems then head)."""
-    if not _STATE["cached"]:
-        lm = net.landmarks(b, lm)
-        a, b = net.stems(a, b)
-    return net.head(a, b, lm, return_features=True)
+    with _autocast():
+        if not _STATE["cached"]:
+            lm = net.landmarks(b, lm)
+            a, b = net.stems(a, b)
+        logits, f_me = net.head(a, b, lm, return_features=True, jitter=jitter)
+    return logits.float(), f_me.float()
+
+
+def _generator(seed: int, stream: int) -> torch.Generator:
+    """A torch generator of the fold's own, on the device: stream 1 the training landmark jitter,
+    2 the test jitter (`model.landmark_jitter_test`)."""
+    return torch.Generator(_STATE["device"]).manual_seed(derive_seed(seed, stream))
+
+
+def _fold_start(train_idx: np.ndarray, seed: int) -> tuple[MiHFTr, np.random.Generator, torch.Generator]:
+    """A fresh model (the shared stems, a head initialised from `seed`, `train.balance_inputs` scales
+    from the training samples) in train mode, with the fold's random streams: numpy for the batch
+    order and augmentation, torch for the landmark jitter. Dropout draws from torch's global RNG."""
+    s = _STATE
+    torch.manual_seed(seed)  # initialisation, dropout
+    net = MiHFTr(s["model"], s["num_classes"])
+    net.load_state_dict(s["stem_state"], strict=False)  # the stems that made the cached AF / MF
+    net.to(s["device"])
+    if s["train"].channels_last and not s["cached"]:
+        net.to(memory_format=torch.channels_last)
+    if s["train"].balance_inputs:
+        for modality, rms in map_rms(net, train_idx).items():
+            net.align[modality].input_scale.fill_(1.0 / max(rms, 1e-12))
+    return net.train(), np.random.default_rng(seed), _generator(seed, 1)
+
+
+def _epoch_plan(train_idx: np.ndarray, rng: np.random.Generator) -> list[tuple[np.ndarray, Any, Any]]:
+    """One epoch of a fold: (sample indices, mirrored, flow scale) per batch, drawn from the fold's
+    rng in a fixed order (the permutation, then each batch's mirror and flow jitter draws)."""
+    cfg: TrainConfig = _STATE["train"]
+    plan = []
+    for idx in epoch_batches(train_idx, cfg.batch_size, rng):
+        mirrored = rng.random(len(idx)) < 0.5 if cfg.mirror else None
+        j = cfg.flow_jitter
+        scale = np.exp(rng.uniform(-j, j, len(idx))) if j else None
+        plan.append((idx, mirrored, scale))
+    return plan
+
+
+def _class_counts(train_idx: np.ndarray) -> np.ndarray:
+    return np.bincount(_STATE["labels"][train_idx], minlength=_STATE["num_classes"])
 
 
 def fit_net(train_idx: np.ndarray, seed: int, tick: bool = True) -> tuple[MiHFTr, list[float], list[float]]:
@@ -263,32 +332,21 @@ def fit_net(train_idx: np.ndarray, seed: int, tick: bool = True) -> tuple[MiHFTr
     s = _STATE
     cfg: TrainConfig = s["train"]
     model_cfg: ModelConfig = s["model"]
-    device, labels, num_classes = s["device"], s["labels"], s["num_classes"]
-    torch.manual_seed(seed)  # initialisation, dropout, landmark jitter
-    rng = np.random.default_rng(seed)  # batch order, augmentation
-    net = MiHFTr(model_cfg, num_classes)
-    net.load_state_dict(s["stem_state"], strict=False)  # the stems that made the cached AF / MF
-    net.to(device)
-    if cfg.balance_inputs:
-        for modality, rms in map_rms(net, train_idx).items():
-            net.align[modality].input_scale.fill_(1.0 / max(rms, 1e-12))
-    counts = np.bincount(labels[train_idx], minlength=num_classes)
-    loss_fn = build_loss(model_cfg.loss, model_cfg.gamma, counts).to(device)
+    device = s["device"]
+    net, rng, jitter_rng = _fold_start(train_idx, seed)
+    loss_fn = build_loss(model_cfg.loss, model_cfg.gamma, _class_counts(train_idx)).to(device)
     params = [p for p in net.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.StepLR(optimiser, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
-    y_all = torch.from_numpy(labels)
+    y_all = torch.from_numpy(s["labels"])
     losses, lrs = [], []
     for _ in range(cfg.epochs):
         net.train()
         total = 0.0
         lrs.append(float(optimiser.param_groups[0]["lr"]))
-        for idx in epoch_batches(train_idx, cfg.batch_size, rng):
-            mirrored = rng.random(len(idx)) < 0.5 if cfg.mirror else None
-            j = cfg.flow_jitter
-            scale = np.exp(rng.uniform(-j, j, len(idx))) if j else None
+        for idx, mirrored, scale in _epoch_plan(train_idx, rng):
             a, b, lm = _inputs(idx, mirrored, scale)
-            loss = loss_fn(_forward(net, a, b, lm), y_all[idx].to(device))
+            loss = loss_fn(_forward(net, a, b, lm, net.jitter(lm, jitter_rng)), y_all[idx].to(device))
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -298,6 +356,187 @@ def fit_net(train_idx: np.ndarray, seed: int, tick: bool = True) -> tuple[MiHFTr
         if tick:
             _tick()
     return net.eval(), losses, lrs
+
+
+# ---- fold-batched training: K folds as one stacked set of parameters (`train.fold_batch`) ---------
+
+class MaskedAdamW(torch.optim.Optimizer):
+    """torch.optim.AdamW (decoupled weight decay, bias correction) on stacked fold parameters (dim 0:
+    the fold) where only the folds in `active` step: the others keep their parameters, moments and
+    step count, as a fold trained alone that has no batch at this step."""
+
+    def __init__(self, params: list[torch.Tensor], lr: float, weight_decay: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, active: torch.Tensor) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            lr, wd, (beta1, beta2), eps = group["lr"], group["weight_decay"], group["betas"], group["eps"]
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state.update(step=torch.zeros(len(p), dtype=torch.float64, device=p.device),
+                                 exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                shape = (-1,) + (1,) * (p.dim() - 1)
+                on = active.view(shape)
+                steps = state["step"] + active
+                step_size = (lr / (1 - beta1 ** steps.clamp(min=1))).to(p.dtype).view(shape)
+                bias2_sqrt = (1 - beta2 ** steps.clamp(min=1)).sqrt().to(p.dtype).view(shape)
+                grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                exp_avg = state["exp_avg"].lerp(grad, 1 - beta1)
+                exp_avg_sq = torch.addcmul(state["exp_avg_sq"] * beta2, grad, grad, value=1 - beta2)
+                denom = exp_avg_sq.sqrt() / bias2_sqrt + eps
+                new = p * (1 - lr * wd) - step_size * exp_avg / denom
+                p.copy_(torch.where(on, new, p))
+                state["exp_avg"] = torch.where(on, exp_avg, state["exp_avg"])
+                state["exp_avg_sq"] = torch.where(on, exp_avg_sq, state["exp_avg_sq"])
+                state["step"] = steps
+
+
+class _MaskedBatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d (training mode) over the samples `sample_mask` marks: a fold's padded batch is
+    normalised with its own samples' mean and variance, which update its running statistics
+    (unbiased variance, as nn.BatchNorm2d); a fold without samples at this step keeps them."""
+
+    sample_mask: torch.Tensor  # B, bool: set before each forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()  # statistics in float32 under bf16 autocast too
+        m = self.sample_mask.to(x.dtype)[:, None, None, None]
+        count = m.sum() * (x.shape[2] * x.shape[3])
+        some = count > 0
+        n = count.clamp(min=2)
+        mean = (x * m).sum((0, 2, 3)) / n
+        centred = x - mean[:, None, None]
+        var = torch.where(some, (centred.square() * m).sum((0, 2, 3)) / n, 1.0)  # none: finite, unused
+        with torch.no_grad():
+            mom = self.momentum
+            self.running_mean.copy_(torch.where(some, (1 - mom) * self.running_mean + mom * mean,
+                                                self.running_mean))
+            self.running_var.copy_(torch.where(some, (1 - mom) * self.running_var + mom * var * n / (n - 1),
+                                               self.running_var))
+            self.num_batches_tracked.add_(some.long())
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        return centred * scale[:, None, None] + self.bias[:, None, None]
+
+
+class _FoldForward(nn.Module):
+    """One fold's `_forward` as a module's forward, for torch.func.functional_call with that fold's
+    slice of the stacked parameters and buffers; parameter-free itself (on the meta device)."""
+
+    def __init__(self, net: MiHFTr):
+        super().__init__()
+        self.net = copy.deepcopy(net)
+        self.norms: list[_MaskedBatchNorm2d] = []  # a padded batch must not enter the batch statistics
+        for parent in list(self.net.modules()):
+            for name, child in parent.named_children():
+                if type(child) is nn.BatchNorm2d and child.training:
+                    norm = _MaskedBatchNorm2d(child.num_features, child.eps, child.momentum)
+                    setattr(parent, name, norm)
+                    self.norms.append(norm)
+        self.to("meta")
+
+    def forward(self, a: Any, b: Any, lm: torch.Tensor, jitter: torch.Tensor | None,
+                mask: torch.Tensor) -> torch.Tensor:
+        for norm in self.norms:
+            norm.sample_mask = mask
+        return _forward(self.net, a, b, lm, jitter)
+
+
+def _step_batches(folds: list[Fold], batches: list[tuple[np.ndarray, Any, Any] | None]
+                  ) -> tuple[np.ndarray, np.ndarray, Any, Any]:
+    """One step of every fold (its batch, or None when its epoch has no batch left) as K x B arrays,
+    B the largest batch: sample rows (padding: the fold's first training sample), weights (1 / the
+    fold's batch size, 0 on padding: each fold's loss is the mean over its own batch), mirrored and
+    flow scales (or None when not augmented)."""
+    cfg: TrainConfig = _STATE["train"]
+    size = max(len(batch[0]) for batch in batches if batch is not None)
+    rows = np.array([[fold.train[0]] * size for fold in folds], dtype=np.int64)
+    weights = np.zeros((len(folds), size), np.float32)
+    mirrored = np.zeros((len(folds), size), bool) if cfg.mirror else None
+    scale = np.ones((len(folds), size)) if cfg.flow_jitter else None
+    for k, batch in enumerate(batches):
+        if batch is None:
+            continue
+        idx, flips, factors = batch
+        rows[k, :len(idx)] = idx
+        weights[k, :len(idx)] = 1.0 / len(idx)
+        if mirrored is not None:
+            mirrored[k, :len(idx)] = flips
+        if scale is not None:
+            scale[k, :len(idx)] = factors
+    return rows, weights, mirrored, scale
+
+
+def fit_group(folds: list[Fold], tick: bool = True) -> list[tuple[MiHFTr, list[float], list[float]]]:
+    """`fit_net` for several folds at once: their models stacked into one set of parameters, each
+    step one forward / backward for all (torch.func.vmap over the fold dimension) and one optimiser
+    step. Each fold keeps what it has alone: its initialisation, training samples, batches,
+    augmentation and jitter draws, class weights, Adam state; a fold whose epoch has run out of
+    batches is not updated. Dropout draws for the whole group at once (torch's global RNG, seeded
+    from the first fold). (model in eval mode, mean loss per epoch, lr per epoch) per fold."""
+    s = _STATE
+    cfg: TrainConfig = s["train"]
+    model_cfg: ModelConfig = s["model"]
+    device = s["device"]
+    starts = [_fold_start(fold.train, fold.seed) for fold in folds]
+    nets = [net for net, _, _ in starts]
+    torch.manual_seed(derive_seed(folds[0].seed, 3))
+    params, buffers = stack_module_state(nets)
+    trainable = [p for p in params.values() if p.requires_grad]
+    state = {f"net.{name}": t for name, t in {**params, **buffers}.items()}
+    forward = _FoldForward(nets[0]).train()
+    optimiser = MaskedAdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.StepLR(optimiser, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    terms = [loss_terms(model_cfg.loss, model_cfg.gamma, _class_counts(fold.train)) for fold in folds]
+    gamma, class_w = terms[0][0], torch.stack([w for _, w in terms]).to(device)
+    labels = torch.from_numpy(s["labels"]).to(device)
+
+    def fold_loss(state: dict, a: Any, b: Any, lm: torch.Tensor, jitter: Any, y: torch.Tensor,
+                  w: torch.Tensor, cw: torch.Tensor) -> torch.Tensor:  # one fold: vmap maps the folds
+        logits = functional_call(forward, state, (a, b, lm, jitter, w > 0))
+        return (focal_terms(logits, y, gamma, cw) * w).sum()
+
+    k_folds = len(folds)
+    losses: list[list[float]] = [[] for _ in folds]
+    lrs = []
+    for _ in range(cfg.epochs):
+        plans = [_epoch_plan(fold.train, rng) for fold, (_, rng, _) in zip(folds, starts)]
+        lrs.append(float(optimiser.param_groups[0]["lr"]))
+        totals = torch.zeros(k_folds, dtype=torch.float64, device=device)
+        for step in range(max(map(len, plans))):
+            batches = [plan[step] if step < len(plan) else None for plan in plans]
+            rows, weights, mirrored, scale = _step_batches(folds, batches)
+            sizes = [0 if batch is None else len(batch[0]) for batch in batches]
+            a, b, lm = (None if x is None else x.unflatten(0, rows.shape) for x in _inputs(
+                rows.ravel(), None if mirrored is None else mirrored.ravel(),
+                None if scale is None else scale.ravel()))
+            jitter = None
+            for k, ((net, _, jitter_rng), n) in enumerate(zip(starts, sizes)):
+                offsets = net.jitter(lm[k, :n], jitter_rng) if n else None  # drawn as the fold alone draws
+                if offsets is not None:
+                    jitter = torch.zeros_like(lm) if jitter is None else jitter
+                    jitter[k, :n] = offsets
+            y = labels[torch.from_numpy(rows).to(device)]
+            in_dims = (0, *(None if x is None else 0 for x in (a, b, lm, jitter)), 0, 0, 0)
+            fold_losses = vmap(fold_loss, in_dims=in_dims, randomness="different")(
+                state, a, b, lm, jitter, y, torch.from_numpy(weights).to(device), class_w)
+            optimiser.zero_grad(set_to_none=True)
+            fold_losses.sum().backward()
+            optimiser.step(torch.tensor([n > 0 for n in sizes], device=device))
+            totals += fold_losses.detach().double() * torch.tensor(sizes, dtype=torch.float64,
+                                                                   device=device)
+        for k, total in enumerate(totals.tolist()):
+            losses[k].append(total / len(folds[k].train))
+        schedule.step()
+        if tick:
+            _tick(k_folds)
+    with torch.no_grad():  # the trained slices back into each fold's own model
+        for k, net in enumerate(nets):
+            for name, t in [*net.named_parameters(), *net.named_buffers()]:
+                t.copy_(state[f"net.{name}"][k])
+    return [(net.eval(), losses[k], lrs) for k, net in enumerate(nets)]
 
 
 def map_rms(net: MiHFTr, idx: np.ndarray) -> dict[str, float]:
@@ -319,28 +558,50 @@ def map_rms(net: MiHFTr, idx: np.ndarray) -> dict[str, float]:
     return {m: (v / len(idx)) ** 0.5 for m, v in total.items() if m in net.align}
 
 
-def predict(net: MiHFTr, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities len(idx) x C float64, F_ME len(idx) x d float32) of samples idx, eval mode."""
+
+
+def predict(net: MiHFTr, idx: np.ndarray,
+            generator: torch.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities len(idx) x C float64, F_ME len(idx) x d float32) of samples idx, eval mode;
+    `generator`: the test jitter's draws (`model.landmark_jitter_test`)."""
     batch = _STATE["train"].batch_size
     probs, features = [], []
     net.eval()
     with torch.no_grad():
         for start in range(0, len(idx), batch):
             chunk = idx[start:start + batch]
-            logits, f_me = _forward_features(net, *_inputs(chunk))
+            a, b, lm = _inputs(chunk)
+            logits, f_me = _forward_features(net, a, b, lm, net.jitter(lm, generator))
             if net.config.mirror_test:  # as MiHFTr.forward: the mean over the sample and its mirror image
-                logits_m, f_me_m = _forward_features(net, *_inputs(chunk, np.ones(len(chunk), bool)))
+                a, b, lm = _inputs(chunk, np.ones(len(chunk), bool))
+                logits_m, f_me_m = _forward_features(net, a, b, lm, net.jitter(lm, generator))
                 logits, f_me = (logits + logits_m) / 2, (f_me + f_me_m) / 2
             probs.append(torch.softmax(logits.double(), dim=-1).cpu().numpy())
             features.append(f_me.float().cpu().numpy())
     return np.concatenate(probs), np.concatenate(features)
 
 
+def _held_out(fold: Fold) -> Fold:
+    """The fold, once checked: none of its test samples (the held-out subject's) is a training sample."""
+    if np.intersect1d(fold.train, fold.test).size:
+        raise RuntimeError(f"fold {fold.index}: test subject {fold.subject} is in its training samples")
+    return fold
+
+
+def _fold_result(fold: Fold, net: MiHFTr, losses: list[float], lrs: list[float]) -> FoldResult:
+    probs, features = predict(net, fold.test, _generator(fold.seed, 2))
+    return FoldResult(fold.index, probs, losses, lrs, features)
+
+
 def train_fold(fold: Fold) -> FoldResult:
     """Train a fresh model on fold.train for the fixed number of epochs, predict fold.test."""
-    net, losses, lrs = fit_net(fold.train, fold.seed)
-    probs, features = predict(net, fold.test)
-    return FoldResult(fold.index, probs, losses, lrs, features)
+    return _fold_result(fold, *fit_net(_held_out(fold).train, fold.seed))
+
+
+def train_group(folds: list[Fold]) -> list[FoldResult]:
+    """train_fold of several folds, trained together (fit_group)."""
+    fitted = fit_group([_held_out(fold) for fold in folds])
+    return [_fold_result(fold, *result) for fold, result in zip(folds, fitted)]
 
 
 def _init_worker() -> None:
@@ -348,39 +609,52 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """torch's thread count inside the block (on CPU), restored after it."""
+    before = torch.get_num_threads()
+    if _STATE["device"].type == "cpu":
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_folds(folds: list[Fold], workers: int, epochs: int) -> list[FoldResult]:
-    """All folds, in a pool of forked single-thread workers on CPU or one after the other."""
+    """All folds: `train.fold_batch` at a time trained together (groups one after the other, on
+    `workers` threads on CPU); or one at a time, in a pool of forked single-thread workers on CPU,
+    one after the other on CUDA."""
     global _PROGRESS
     bar = tqdm(total=len(folds) * epochs, desc="train (folds x epochs)", unit="epoch",
                file=sys.stderr, dynamic_ncols=True)
     workers = min(worker_count(workers), len(folds))
+    size = _STATE["train"].fold_batch or len(folds)
     try:
+        if size > 1:
+            _PROGRESS = bar.update
+            with _threads(workers):
+                return [r for start in range(0, len(folds), size)
+                        for r in train_group(folds[start:start + size])]
         if _STATE["device"].type != "cpu" or workers == 1:
-            _PROGRESS = lambda: bar.update(1)  # noqa: E731
-            threads = torch.get_num_threads()
-            if _STATE["device"].type == "cpu":
-                torch.set_num_threads(1)  # as in the workers: same arithmetic, same bytes
-            try:
+            _PROGRESS = bar.update
+            with _threads(1):  # as in the workers: same arithmetic, same bytes
                 return [train_fold(fold) for fold in folds]
-            finally:
-                torch.set_num_threads(threads)
         ctx = get_context("fork")  # workers inherit _STATE (data, cached features) without copying
         _PROGRESS = ctx.Queue()
         with ctx.Pool(workers, initializer=_init_worker) as pool:
             pending = pool.map_async(train_fold, folds, chunksize=1)
             while not pending.ready():
                 try:
-                    _PROGRESS.get(timeout=0.2)
-                    bar.update(1)
+                    bar.update(_PROGRESS.get(timeout=0.2))
                 except queue.Empty:
                     pass
             results = pending.get()
         while bar.n < bar.total:  # ticks still in the queue
             try:
-                _PROGRESS.get(timeout=1.0)
+                bar.update(_PROGRESS.get(timeout=1.0))
             except queue.Empty:
                 break
-            bar.update(1)
         return results
     finally:
         _PROGRESS = None
@@ -434,8 +708,11 @@ def setup_state(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device, 
         af, mf, landmarks = (torch.cat(parts) if parts[0] is not None else None for parts in zip(*maps))
         where = next((x.device for x in (af, mf) if x is not None), device)
         _STATE.update(af=af, mf=mf, features_device=where, landmarks=landmarks.to(where))
-    else:
-        _STATE.update(apex=arrays["apex"], flow=arrays["flow"], landmarks_np=arrays["landmarks"])
+    else:  # on the device once: batches are gathered there (_inputs)
+        on_device = lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(device)  # noqa: E731
+        _STATE.update(apex=on_device(arrays["apex"]),
+                      flow=on_device(arrays["flow"].astype(np.float32, copy=False)),
+                      landmarks=on_device(arrays["landmarks"].astype(np.float32, copy=False)))
     return count_parameters(stem_net)["total"]
 
 
@@ -509,18 +786,23 @@ def plot_confusion(path: Path, panels: list[tuple[np.ndarray, str]], classes: li
 # ---- the stage ------------------------------------------------------------------------------------
 
 def configure(params: dict) -> tuple[TrainConfig, ModelConfig, torch.device]:
-    """The validated `train` and `model` sections and the device (deterministic kernels on CUDA)."""
+    """The validated `train` and `model` sections and the device (on CUDA, deterministic kernels with
+    `train.deterministic: true`, the fastest ones otherwise; CPU kernels are deterministic)."""
     cfg = TrainConfig.from_params(params.get("train"))
     try:
         model_cfg = ModelConfig.from_params(params.get("model"))
     except ValueError as err:
         raise PipelineError(f"params.yaml model: {err}") from err
+    if cfg.fold_batch != 1 and model_cfg.global_fusion == "lstm" and model_cfg.gcmif:
+        raise PipelineError("train.fold_batch must be 1 with model.global_fusion: lstm (no batched LSTM)")
     device = resolve_device(cfg.device)
     if device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        deterministic = cfg.deterministic is True  # auto: false on CUDA
+        if deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
     return cfg, model_cfg, device
 
 
@@ -588,6 +870,7 @@ def evaluate(params: dict, h5_path: Path, out: Any) -> dict[str, Any]:
     timing = {
         "device": str(device),
         "workers": min(worker_count(params.get("workers", 0)), len(folds)) if device.type == "cpu" else 1,
+        "fold_batch": cfg.fold_batch,
         "stems_s": round(t_train - t_stems, 3) if model_cfg.freeze_stems else 0.0,
         "train_s": round(t_end - t_train, 3),
         "total_s": round(time.perf_counter() - t_start, 3),

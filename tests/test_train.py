@@ -126,9 +126,8 @@ def test_results_do_not_depend_on_the_number_of_workers(frozen: bool):
         state.update(af=torch.randn(n, 256, 56, 56, generator=g), mf=torch.randn(n, 256, 56, 56, generator=g))
     else:
         rng = np.random.default_rng(0)
-        state.update(apex=rng.integers(0, 256, (n, 224, 224, 3), dtype=np.uint8),
-                     flow=rng.normal(0, 1, (n, 224, 224, 2)).astype(np.float32),
-                     landmarks_np=state["landmarks"].numpy())
+        state.update(apex=torch.from_numpy(rng.integers(0, 256, (n, 224, 224, 3), dtype=np.uint8)),
+                     flow=torch.from_numpy(rng.normal(0, 1, (n, 224, 224, 2)).astype(np.float32)))
     folds = train.loso_splits(subjects, seed=3)
     outs = []
     for workers in (1, 2):
