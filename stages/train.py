@@ -64,6 +64,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from sklearn.model_selection import LeaveOneGroupOut
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
@@ -267,23 +268,27 @@ def _autocast() -> torch.autocast:
     return torch.autocast(_STATE["device"].type, dtype=torch.bfloat16, enabled=_STATE["train"].amp == "bf16")
 
 
-def _forward(net: MiHFTr, a: Any, b: Any, lm: torch.Tensor,
-             jitter: torch.Tensor | None = None) -> torch.Tensor:
-    """Training logits, float32 (`train.amp`: the forward in bf16 autocast); `jitter`: landmark offsets."""
-    with _autocast():
-        logits = net.head(a, b, lm, jitter=jitter) if _STATE["cached"] else net(a, b, lm, jitter)
-    return logits.float()
-
-
-def _forward_features(net: MiHFTr, a: Any, b: Any, lm: torch.Tensor,
-                      jitter: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, F_ME): the same arithmetic as _forward (net(...) is stems then head)."""
+def _forward(net: MiHFTr, a: Any, b: Any, lm: torch.Tensor, jitter: torch.Tensor | None = None,
+             features: bool = False) -> Any:
+    """Logits (with `features`: and F_ME), float32, of the head on the cached AF / MF or of the whole
+    model (stems, then the head; as MiHFTr.forward without its mirror averaging); `jitter`: landmark
+    offsets; `train.amp`: bf16 autocast."""
     with _autocast():
         if not _STATE["cached"]:
-            lm = net.landmarks(b, lm)
-            a, b = net.stems(a, b)
-        logits, f_me = net.head(a, b, lm, return_features=True, jitter=jitter)
-    return logits.float(), f_me.float()
+            a, b, lm = _stems(net, a, b, lm)
+        return _head(net, a, b, lm, jitter, features)
+
+
+def _stems(net: MiHFTr, apex: Any, flow: Any, landmarks: torch.Tensor) -> tuple[Any, Any, torch.Tensor]:
+    """(AF, MF, the head's landmarks) of a batch of inputs."""
+    af, mf = net.stems(apex, flow)
+    return af, mf, net.landmarks(flow, landmarks)
+
+
+def _head(net: MiHFTr, a: Any, b: Any, lm: torch.Tensor, jitter: torch.Tensor | None,
+          features: bool = False) -> Any:
+    out = net.head(a, b, lm, return_features=features, jitter=jitter)
+    return tuple(x.float() for x in out) if features else out.float()
 
 
 def _generator(seed: int, stream: int) -> torch.Generator:
@@ -362,86 +367,106 @@ def fit_net(train_idx: np.ndarray, seed: int, tick: bool = True) -> tuple[MiHFTr
 
 class MaskedAdamW(torch.optim.Optimizer):
     """torch.optim.AdamW (decoupled weight decay, bias correction) on stacked fold parameters (dim 0:
-    the fold) where only the folds in `active` step: the others keep their parameters, moments and
-    step count, as a fold trained alone that has no batch at this step."""
+    the fold) where only the folds `active` marks step: the others keep their parameters, moments and
+    step count, as a fold trained alone that has no batch at this step. In place, as torch's (fresh
+    full-size tensors per step cost more than the arithmetic on CPU)."""
 
-    def __init__(self, params: list[torch.Tensor], lr: float, weight_decay: float,
+    def __init__(self, params: list[torch.Tensor], folds: int, lr: float, weight_decay: float,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "betas": betas, "eps": eps})
+        self.steps = np.zeros(folds, np.int64)  # Adam steps each fold has taken
 
     @torch.no_grad()
-    def step(self, active: torch.Tensor) -> None:  # type: ignore[override]
+    def step(self, active: np.ndarray) -> None:  # type: ignore[override]
+        self.steps += active
+        on = np.flatnonzero(active)
         for group in self.param_groups:
             lr, wd, (beta1, beta2), eps = group["lr"], group["weight_decay"], group["betas"], group["eps"]
+            t = self.steps[on].astype(np.float64)
+            per_fold: dict[Any, tuple[torch.Tensor, ...]] = {}  # (device, dtype) -> step size, sqrt(bias 2)
             for p in group["params"]:
+                if p.grad is None:  # as torch's: a parameter without a gradient is left alone
+                    continue
                 state = self.state[p]
                 if not state:
-                    state.update(step=torch.zeros(len(p), dtype=torch.float64, device=p.device),
-                                 exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                    state.update(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                if (p.device, p.dtype) not in per_fold:
+                    per_fold[p.device, p.dtype] = tuple(
+                        torch.from_numpy(v).to(p.device, p.dtype)
+                        for v in (lr / (1 - beta1 ** t), np.sqrt(1 - beta2 ** t)))
                 shape = (-1,) + (1,) * (p.dim() - 1)
-                on = active.view(shape)
-                steps = state["step"] + active
-                step_size = (lr / (1 - beta1 ** steps.clamp(min=1))).to(p.dtype).view(shape)
-                bias2_sqrt = (1 - beta2 ** steps.clamp(min=1)).sqrt().to(p.dtype).view(shape)
-                grad = p.grad if p.grad is not None else torch.zeros_like(p)
-                exp_avg = state["exp_avg"].lerp(grad, 1 - beta1)
-                exp_avg_sq = torch.addcmul(state["exp_avg_sq"] * beta2, grad, grad, value=1 - beta2)
-                denom = exp_avg_sq.sqrt() / bias2_sqrt + eps
-                new = p * (1 - lr * wd) - step_size * exp_avg / denom
-                p.copy_(torch.where(on, new, p))
-                state["exp_avg"] = torch.where(on, exp_avg, state["exp_avg"])
-                state["exp_avg_sq"] = torch.where(on, exp_avg_sq, state["exp_avg_sq"])
-                state["step"] = steps
+                step_size, bias2_sqrt = (v.view(shape) for v in per_fold[p.device, p.dtype])
+                full = (p, state["exp_avg"], state["exp_avg_sq"])
+                rows = None if len(on) == len(p) else torch.from_numpy(on).to(p.device)
+                param, exp_avg, exp_avg_sq, grad = (x if rows is None else x.index_select(0, rows)
+                                                    for x in (*full, p.grad))
+                if wd:
+                    param.mul_(1 - lr * wd)
+                exp_avg.lerp_(grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(eps)
+                param.sub_((exp_avg * step_size).div_(denom))
+                if rows is not None:
+                    for whole, part in zip(full, (param, exp_avg, exp_avg_sq)):
+                        whole.index_copy_(0, rows, part)
 
 
-class _MaskedBatchNorm2d(nn.BatchNorm2d):
-    """nn.BatchNorm2d (training mode) over the samples `sample_mask` marks: a fold's padded batch is
-    normalised with its own samples' mean and variance, which update its running statistics
-    (unbiased variance, as nn.BatchNorm2d); a fold without samples at this step keeps them."""
+@contextlib.contextmanager
+def _flat_linear() -> Iterator[None]:
+    """F.linear with the input's leading dimensions flattened, inside the block. Under vmap with a
+    batched weight, a linear on a 3-D or 4-D input (the transformer's and SC-SA's projections) is
+    a matmul that broadcasts the weight over the middle dimensions, and its backward a weight
+    gradient per token (15x slower, measured); on a 2-D input it is one batched matmul per fold."""
+    linear = F.linear
 
-    sample_mask: torch.Tensor  # B, bool: set before each forward
+    def flat(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() <= 2:
+            return linear(x, weight, bias)
+        return linear(x.reshape(-1, x.shape[-1]), weight, bias).unflatten(0, x.shape[:-1])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()  # statistics in float32 under bf16 autocast too
-        m = self.sample_mask.to(x.dtype)[:, None, None, None]
-        count = m.sum() * (x.shape[2] * x.shape[3])
-        some = count > 0
-        n = count.clamp(min=2)
-        mean = (x * m).sum((0, 2, 3)) / n
-        centred = x - mean[:, None, None]
-        var = torch.where(some, (centred.square() * m).sum((0, 2, 3)) / n, 1.0)  # none: finite, unused
-        with torch.no_grad():
-            mom = self.momentum
-            self.running_mean.copy_(torch.where(some, (1 - mom) * self.running_mean + mom * mean,
-                                                self.running_mean))
-            self.running_var.copy_(torch.where(some, (1 - mom) * self.running_var + mom * var * n / (n - 1),
-                                               self.running_var))
-            self.num_batches_tracked.add_(some.long())
-        scale = self.weight * torch.rsqrt(var + self.eps)
-        return centred * scale[:, None, None] + self.bias[:, None, None]
+    F.linear = flat
+    try:
+        yield
+    finally:
+        F.linear = linear
 
 
-class _FoldForward(nn.Module):
-    """One fold's `_forward` as a module's forward, for torch.func.functional_call with that fold's
-    slice of the stacked parameters and buffers; parameter-free itself (on the meta device)."""
+class _FoldParts(nn.Module):
+    """A fold model's stems or head as a module's forward, for torch.func.functional_call with one
+    fold's slice of the stacked parameters and buffers; holds none itself (meta device)."""
 
     def __init__(self, net: MiHFTr):
         super().__init__()
-        self.net = copy.deepcopy(net)
-        self.norms: list[_MaskedBatchNorm2d] = []  # a padded batch must not enter the batch statistics
-        for parent in list(self.net.modules()):
-            for name, child in parent.named_children():
-                if type(child) is nn.BatchNorm2d and child.training:
-                    norm = _MaskedBatchNorm2d(child.num_features, child.eps, child.momentum)
-                    setattr(parent, name, norm)
-                    self.norms.append(norm)
-        self.to("meta")
+        self.net = copy.deepcopy(net).to("meta")
 
-    def forward(self, a: Any, b: Any, lm: torch.Tensor, jitter: torch.Tensor | None,
-                mask: torch.Tensor) -> torch.Tensor:
-        for norm in self.norms:
-            norm.sample_mask = mask
-        return _forward(self.net, a, b, lm, jitter)
+    def forward(self, stems: bool, a: Any, b: Any, lm: torch.Tensor,
+                jitter: torch.Tensor | None = None) -> Any:
+        with _autocast():
+            return _stems(self.net, a, b, lm) if stems else _head(self.net, a, b, lm, jitter)
+
+
+def _fold_stems(parts: _FoldParts, state: dict[str, torch.Tensor], inputs: tuple[Any, Any, torch.Tensor],
+                sizes: list[int]) -> tuple[Any, Any, torch.Tensor]:
+    """Trainable stems: each fold's batch (inputs K x B x ..., its first `sizes[k]` rows) through its
+    own stems, alone, so that batch norm sees that fold's samples only, as when it trains alone
+    (a fold without a batch: no forward, running statistics untouched); AF, MF and the head's
+    landmarks zero-padded to K x B for the batched head."""
+    outs = []
+    for k, n in enumerate(sizes):
+        fold_state = {name: t[k] for name, t in state.items() if name.startswith("net.stem_")}
+        batch = (None if x is None else x[k, :n] for x in inputs)
+        outs.append(functional_call(parts, fold_state, (True, *batch)) if n else None)
+    like = next(out for out in outs if out is not None)
+    size = inputs[2].shape[1]
+
+    def padded(i: int) -> torch.Tensor | None:
+        if like[i] is None:
+            return None
+        zeros = lambda n: like[i].new_zeros(size - n, *like[i].shape[1:])  # noqa: E731
+        return torch.stack([zeros(0) if out is None else torch.cat([out[i], zeros(len(out[i]))])
+                            for out in outs])
+
+    return padded(0), padded(1), padded(2)
 
 
 def _step_batches(folds: list[Fold], batches: list[tuple[np.ndarray, Any, Any] | None]
@@ -486,8 +511,8 @@ def fit_group(folds: list[Fold], tick: bool = True) -> list[tuple[MiHFTr, list[f
     params, buffers = stack_module_state(nets)
     trainable = [p for p in params.values() if p.requires_grad]
     state = {f"net.{name}": t for name, t in {**params, **buffers}.items()}
-    forward = _FoldForward(nets[0]).train()
-    optimiser = MaskedAdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    parts = _FoldParts(nets[0]).train()
+    optimiser = MaskedAdamW(trainable, len(folds), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.StepLR(optimiser, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
     terms = [loss_terms(model_cfg.loss, model_cfg.gamma, _class_counts(fold.train)) for fold in folds]
     gamma, class_w = terms[0][0], torch.stack([w for _, w in terms]).to(device)
@@ -495,7 +520,7 @@ def fit_group(folds: list[Fold], tick: bool = True) -> list[tuple[MiHFTr, list[f
 
     def fold_loss(state: dict, a: Any, b: Any, lm: torch.Tensor, jitter: Any, y: torch.Tensor,
                   w: torch.Tensor, cw: torch.Tensor) -> torch.Tensor:  # one fold: vmap maps the folds
-        logits = functional_call(forward, state, (a, b, lm, jitter, w > 0))
+        logits = functional_call(parts, state, (False, a, b, lm, jitter))
         return (focal_terms(logits, y, gamma, cw) * w).sum()
 
     k_folds = len(folds)
@@ -512,6 +537,8 @@ def fit_group(folds: list[Fold], tick: bool = True) -> list[tuple[MiHFTr, list[f
             a, b, lm = (None if x is None else x.unflatten(0, rows.shape) for x in _inputs(
                 rows.ravel(), None if mirrored is None else mirrored.ravel(),
                 None if scale is None else scale.ravel()))
+            if not s["cached"]:
+                a, b, lm = _fold_stems(parts, state, (a, b, lm), sizes)
             jitter = None
             for k, ((net, _, jitter_rng), n) in enumerate(zip(starts, sizes)):
                 offsets = net.jitter(lm[k, :n], jitter_rng) if n else None  # drawn as the fold alone draws
@@ -520,11 +547,12 @@ def fit_group(folds: list[Fold], tick: bool = True) -> list[tuple[MiHFTr, list[f
                     jitter[k, :n] = offsets
             y = labels[torch.from_numpy(rows).to(device)]
             in_dims = (0, *(None if x is None else 0 for x in (a, b, lm, jitter)), 0, 0, 0)
-            fold_losses = vmap(fold_loss, in_dims=in_dims, randomness="different")(
-                state, a, b, lm, jitter, y, torch.from_numpy(weights).to(device), class_w)
+            with _flat_linear():
+                fold_losses = vmap(fold_loss, in_dims=in_dims, randomness="different")(
+                    state, a, b, lm, jitter, y, torch.from_numpy(weights).to(device), class_w)
             optimiser.zero_grad(set_to_none=True)
             fold_losses.sum().backward()
-            optimiser.step(torch.tensor([n > 0 for n in sizes], device=device))
+            optimiser.step(np.array(sizes) > 0)
             totals += fold_losses.detach().double() * torch.tensor(sizes, dtype=torch.float64,
                                                                    device=device)
         for k, total in enumerate(totals.tolist()):
@@ -571,10 +599,10 @@ def predict(net: MiHFTr, idx: np.ndarray,
         for start in range(0, len(idx), batch):
             chunk = idx[start:start + batch]
             a, b, lm = _inputs(chunk)
-            logits, f_me = _forward_features(net, a, b, lm, net.jitter(lm, generator))
+            logits, f_me = _forward(net, a, b, lm, net.jitter(lm, generator), features=True)
             if net.config.mirror_test:  # as MiHFTr.forward: the mean over the sample and its mirror image
                 a, b, lm = _inputs(chunk, np.ones(len(chunk), bool))
-                logits_m, f_me_m = _forward_features(net, a, b, lm, net.jitter(lm, generator))
+                logits_m, f_me_m = _forward(net, a, b, lm, net.jitter(lm, generator), features=True)
                 logits, f_me = (logits + logits_m) / 2, (f_me + f_me_m) / 2
             probs.append(torch.softmax(logits.double(), dim=-1).cpu().numpy())
             features.append(f_me.float().cpu().numpy())
@@ -599,7 +627,9 @@ def train_fold(fold: Fold) -> FoldResult:
 
 
 def train_group(folds: list[Fold]) -> list[FoldResult]:
-    """train_fold of several folds, trained together (fit_group)."""
+    """train_fold of each fold of a group: one at a time (`train.fold_batch: 1`), or trained together."""
+    if _STATE["train"].fold_batch == 1:
+        return [train_fold(fold) for fold in folds]
     fitted = fit_group([_held_out(fold) for fold in folds])
     return [_fold_result(fold, *result) for fold, result in zip(folds, fitted)]
 
@@ -622,34 +652,31 @@ def _threads(n: int) -> Iterator[None]:
 
 
 def run_folds(folds: list[Fold], workers: int, epochs: int) -> list[FoldResult]:
-    """All folds: `train.fold_batch` at a time trained together (groups one after the other, on
-    `workers` threads on CPU); or one at a time, in a pool of forked single-thread workers on CPU,
-    one after the other on CUDA."""
+    """All folds, in groups of `train.fold_batch` (1: each fold alone; 0: one group) trained together.
+    On CPU the groups go to a pool of forked single-thread workers, or, one group or one worker, run
+    in this process (a group trained together on `workers` threads, a fold alone on one: same
+    arithmetic as in a worker, same bytes); on CUDA one after the other."""
     global _PROGRESS
     bar = tqdm(total=len(folds) * epochs, desc="train (folds x epochs)", unit="epoch",
                file=sys.stderr, dynamic_ncols=True)
-    workers = min(worker_count(workers), len(folds))
     size = _STATE["train"].fold_batch or len(folds)
+    groups = [folds[start:start + size] for start in range(0, len(folds), size)]
+    workers = min(worker_count(workers), len(folds))
     try:
-        if size > 1:
+        if _STATE["device"].type != "cpu" or min(workers, len(groups)) == 1:
             _PROGRESS = bar.update
-            with _threads(workers):
-                return [r for start in range(0, len(folds), size)
-                        for r in train_group(folds[start:start + size])]
-        if _STATE["device"].type != "cpu" or workers == 1:
-            _PROGRESS = bar.update
-            with _threads(1):  # as in the workers: same arithmetic, same bytes
-                return [train_fold(fold) for fold in folds]
+            with _threads(1 if size == 1 else workers):
+                return [result for group in groups for result in train_group(group)]
         ctx = get_context("fork")  # workers inherit _STATE (data, cached features) without copying
         _PROGRESS = ctx.Queue()
-        with ctx.Pool(workers, initializer=_init_worker) as pool:
-            pending = pool.map_async(train_fold, folds, chunksize=1)
+        with ctx.Pool(min(workers, len(groups)), initializer=_init_worker) as pool:
+            pending = pool.map_async(train_group, groups, chunksize=1)
             while not pending.ready():
                 try:
                     bar.update(_PROGRESS.get(timeout=0.2))
                 except queue.Empty:
                     pass
-            results = pending.get()
+            results = [result for group in pending.get() for result in group]
         while bar.n < bar.total:  # ticks still in the queue
             try:
                 bar.update(_PROGRESS.get(timeout=1.0))
