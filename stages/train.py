@@ -15,14 +15,30 @@ one). The loss is `model.loss` with the class counts of the training fold.
 Frozen stems (`model.freeze_stems: true`, the CPU default): the stems never change, so AF and MF
 are computed once for every sample (no gradients, eval mode, `train.stem_batch` at a time, with
 stems initialised from `train.seed`, or the `model.pretrained` weights) and each fold trains only
-the head on these cached maps. Trainable stems (the paper): the whole model runs on every batch.
+the head on these cached maps. Trainable stems (the paper): the whole model runs on every batch;
+the processed arrays are put on the device once and batches gathered there.
+
+Fold-batched training (`train.fold_batch`: K folds at a time, 0 = all; 1 = each fold alone, the
+default): the K fold models are stacked into one set of parameters and trained with one forward /
+backward (torch.func.vmap over the folds) and one optimiser step (MaskedAdamW) per step. Each fold
+still has its own initialisation, training samples, batch order and augmentation, class weights,
+Adam state and (trainable stems: each fold's stems run on its own batch) batch-norm statistics;
+batches are padded to the largest and each fold's loss is the mean over its own samples; a fold
+whose epoch has no batch left waits. It gives each fold's results of training it alone (float
+rounding aside, tests/test_train.py) except for dropout (the transformer's 0.1), drawn for the
+group at once: results depend on `fold_batch`, not on `workers`. It is meant for GPUs; on CPU it
+runs about as fast as the folds alone per core (docs/benchmarks.md).
+`train.amp: bf16` runs the forward in bf16 autocast, `train.channels_last` keeps apex, flow and
+convolutions in NHWC memory format (trainable stems).
 
 Determinism: everything random in fold k (head initialisation, dropout, landmark jitter, batch
-order) is seeded from (train.seed, k), so the results do not depend on the order or the number of
-processes the folds run in. On CPU folds run in a pool of `workers` processes (top-level
-`workers`, 0 = all cores), one thread each (the serial path uses one thread too, so 1 worker and
-N workers give the same bytes); on CUDA (`train.device: auto` picks it when available) the folds
-run one after the other with deterministic algorithms. Same params + seed on the same machine ->
+order, augmentation) is seeded from (train.seed, k), the landmark jitter from a torch generator of
+the fold's own, so the results do not depend on the order or the number of processes the folds run
+in. On CPU folds (or groups of folds) run in a pool of `workers` processes (top-level `workers`, 0 =
+all cores), one thread each (the serial path uses one thread too, so 1 worker and N workers give
+the same bytes; one group of folds alone runs on `workers` threads); on CUDA (`train.device: auto`
+picks it when available) one after the other, with deterministic algorithms when
+`train.deterministic: true` (auto: the fastest ones). Same params + seed on the same machine ->
 byte-identical `metrics/loso.json`, `metrics/predictions.csv`, `metrics/per_fold.csv` and
 `data/features.h5`.
 
@@ -30,7 +46,8 @@ Outputs (atomic):
 - `metrics/loso.json`: `uf1`, `uar` (pooled), `accuracy`, `per_class`, `per_fold_mean`, `n_samples`,
   `n_subjects`, `n_folds`, `n_params`, and for a composite (megc2019) `per_dataset`:
   {dataset: {uf1, uar, n}}; sorted keys, floats rounded to 6 decimals (deterministic).
-- `metrics/timing.json`: wall-clock seconds (stems, training, total), samples/s, device, workers.
+- `metrics/timing.json`: wall-clock seconds (stems, training, total), samples/s, device, workers,
+  fold_batch.
   Not deterministic, hence a file of its own (dvc.yaml: cache: false).
 - `metrics/predictions.csv`: `subject`, `sample`, `true`, `pred` (class names), `p_<class>`.
 - `metrics/per_fold.csv`: `subject`, `n`, `uf1`, `uar`, `accuracy` of each fold (test subject) alone
@@ -56,6 +73,7 @@ import os
 import queue
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from multiprocessing import get_context
@@ -547,7 +565,9 @@ def fit_group(folds: list[Fold], tick: bool = True) -> list[tuple[MiHFTr, list[f
                     jitter[k, :n] = offsets
             y = labels[torch.from_numpy(rows).to(device)]
             in_dims = (0, *(None if x is None else 0 for x in (a, b, lm, jitter)), 0, 0, 0)
-            with _flat_linear():
+            with _flat_linear(), warnings.catch_warnings():
+                # CPU attention has no batching rule: vmap loops over the folds (once per step, cheap)
+                warnings.filterwarnings("ignore", "There is a performance drop", UserWarning)
                 fold_losses = vmap(fold_loss, in_dims=in_dims, randomness="different")(
                     state, a, b, lm, jitter, y, torch.from_numpy(weights).to(device), class_w)
             optimiser.zero_grad(set_to_none=True)
