@@ -12,6 +12,7 @@ single-thread processes on CPU, one fold after the other on CUDA) then fold-batc
 folds at a time, 0 = all; on CPU one group per pool process, or a lone group on `workers` threads),
 and prints training samples/s (training samples x epochs / seconds of `run_folds`, the predictions
 of the held-out subjects included) of each, their ratio, and the wall time of the whole schedule.
+`--toggle amp` (or `channels_last`) also times the fold-batched path with that option flipped.
 `--sequential-epochs` times the sequential path on fewer epochs (samples/s per epoch does not
 depend on their number) where all of them would take too long; explicit options override `--paper`.
 """
@@ -83,6 +84,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="CPU processes / threads (0: every core)")
     ap.add_argument("--amp", choices=["none", "bf16"], default="none")
     ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--toggle", choices=["amp", "channels_last"],
+                    help="also time fold-batched with this flipped (amp: none <-> bf16), same run")
     ap.add_argument("--paper", action="store_true", help="CASME II-sized: " + ", ".join(
         f"{k.replace('_', '-')} {v}" for k, v in PAPER.items()))
     if ap.parse_known_args()[0].paper:
@@ -108,6 +111,13 @@ def main() -> None:
               f"{seq_s * args.epochs / seq_epochs:7.1f} s for {args.epochs}), fold-batched {bat:8.1f} "
               f"samples/s ({bat_s:7.1f} s for {args.epochs} epochs): fold-batched / sequential "
               f"{bat / seq:5.2f}x")
+        if args.toggle:
+            flipped = {"amp": "none" if args.amp == "bf16" else "bf16",
+                       "channels_last": not args.channels_last}
+            other = {**params, "train": {**params["train"], args.toggle: flipped[args.toggle]}}
+            rate, seconds = timed_run(other, arrays, args.fold_batch, args.epochs)
+            print(f"  fold-batched with {args.toggle} {flipped[args.toggle]}: {rate:8.1f} samples/s "
+                  f"({seconds:7.1f} s): {rate / bat:5.2f}x the rate without")
         if device.type == "cuda":
             print(f"  peak CUDA memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
             torch.cuda.reset_peak_memory_stats()
