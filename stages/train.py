@@ -401,7 +401,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, wd, (beta1, beta2), eps = group["lr"], group["weight_decay"], group["betas"], group["eps"]
             t = self.steps[on].astype(np.float64)
-            per_fold: dict[Any, tuple[torch.Tensor, ...]] = {}  # (device, dtype) -> step size, sqrt(bias 2)
+            per_fold: dict[Any, tuple[Any, ...]] = {}  # (device, dtype) -> step size, sqrt(bias 2), rows
             for p in group["params"]:
                 if p.grad is None:  # as torch's: a parameter without a gradient is left alone
                     continue
@@ -409,13 +409,14 @@ class MaskedAdamW(torch.optim.Optimizer):
                 if not state:
                     state.update(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
                 if (p.device, p.dtype) not in per_fold:
-                    per_fold[p.device, p.dtype] = tuple(
-                        torch.from_numpy(v).to(p.device, p.dtype)
-                        for v in (lr / (1 - beta1 ** t), np.sqrt(1 - beta2 ** t)))
+                    per_fold[p.device, p.dtype] = (
+                        *(torch.from_numpy(v).to(p.device, p.dtype)
+                          for v in (lr / (1 - beta1 ** t), np.sqrt(1 - beta2 ** t))),
+                        None if len(on) == len(p) else torch.from_numpy(on).to(p.device))
                 shape = (-1,) + (1,) * (p.dim() - 1)
-                step_size, bias2_sqrt = (v.view(shape) for v in per_fold[p.device, p.dtype])
+                step_size, bias2_sqrt, rows = per_fold[p.device, p.dtype]
+                step_size, bias2_sqrt = step_size.view(shape), bias2_sqrt.view(shape)
                 full = (p, state["exp_avg"], state["exp_avg_sq"])
-                rows = None if len(on) == len(p) else torch.from_numpy(on).to(p.device)
                 param, exp_avg, exp_avg_sq, grad = (x if rows is None else x.index_select(0, rows)
                                                     for x in (*full, p.grad))
                 if wd:
