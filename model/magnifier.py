@@ -24,10 +24,10 @@ from __future__ import annotations
 import io
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from torch import nn
@@ -128,113 +128,210 @@ class Magnifier(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Synthetic training data: pure functions of (params, rng). A scene is a float32 RGB image in
-# [0, 255] at 2× the patch resolution; frames are rendered by warping it at 2× and area-downsampling.
+# Synthetic training data, a whole batch at once on one device (a GPU is not starved by a CPU
+# generator): pure functions of (params, rng, gen). `rng` (numpy) draws each example's few scalars
+# (scene kind, α, motion, shapes...), `gen` (torch, on the device) its pixel noise. A scene is
+# N×3×S×S float32 RGB in [0, 255] at 2× the patch resolution; frames are rendered by warping it at
+# 2× and area-downsampling.
+
+NOISE_SCALES = (1.0, 2.0, 4.0, 8.0, 16.0)  # σ (scene pixels) of the procedural noise layers
+MAX_SHAPES = 5  # filled circles / rectangles per procedural scene: 0..MAX_SHAPES
+MAX_BUMPS = 3  # Gaussian bumps of a local flow: 1..MAX_BUMPS
 
 
-def _procedural(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Multi-scale coloured noise plus random filled shapes, size²×3 float32 in [0, 255]."""
-    image = np.zeros((size, size, 3), np.float32)
-    for scale in (1.0, 2.0, 4.0, 8.0, 16.0):
-        noise = rng.normal(size=(size, size, 3)).astype(np.float32)
-        noise = cv2.GaussianBlur(noise, (0, 0), scale)
-        image += rng.uniform(0.2, 1.0) * noise / (noise.std() + 1e-6)
-    image = 128 + 40 * image / (image.std() + 1e-6)
-    for _ in range(int(rng.integers(0, 6))):
-        colour = tuple(float(c) for c in rng.uniform(0, 255, 3))
-        centre = tuple(int(c) for c in rng.integers(0, size, 2))
-        if rng.random() < 0.5:
-            cv2.circle(image, centre, int(rng.integers(size // 16, size // 4)), colour, -1, cv2.LINE_AA)
-        else:
-            half = rng.integers(size // 16, size // 4, 2)
-            cv2.rectangle(image, tuple(int(c - h) for c, h in zip(centre, half)),
-                          tuple(int(c + h) for c, h in zip(centre, half)), colour, -1, cv2.LINE_AA)
-    return np.clip(image, 0, 255)
+def _tensor(values: Any, device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """numpy draws → tensor on the device; to a GPU through pinned memory without waiting (a plain
+    copy would stall the host until the GPU had finished the previous training step)."""
+    tensor = torch.as_tensor(np.asarray(values), dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
 
 
-def _photo_crop(rng: np.random.Generator, photo: np.ndarray, size: int) -> np.ndarray:
-    """size² crop of a photograph at a random scale (0.5–1.5 photo pixels per scene pixel)."""
-    scale = rng.uniform(0.5, 1.5)
-    side = min(int(size * scale), *photo.shape[:2])
-    y, x = (int(rng.integers(0, photo.shape[i] - side + 1)) for i in (0, 1))
-    crop = photo[y:y + side, x:x + side].astype(np.float32)
-    crop = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if side > size else cv2.INTER_CUBIC)
-    if rng.random() < 0.5:
-        crop = crop[:, ::-1]
-    return np.ascontiguousarray(np.clip(crop, 0, 255))
+def procedural(rng: np.random.Generator, gen: torch.Generator, n: int, size: int) -> torch.Tensor:
+    """N×3×size×size multi-scale coloured noise plus 0–5 random filled shapes, in [0, 255].
+
+    Each noise layer is white noise blurred by a Gaussian of σ in NOISE_SCALES, normalised to std 1,
+    weighted by U(0.2, 1). The blur is done in the Fourier domain (periodic border): for σ = 16 the
+    kernel is wider than a small scene, and a texture needs no particular border."""
+    device = gen.device
+    freq2 = torch.fft.fftfreq(size, device=device)[:, None] ** 2 \
+        + torch.fft.rfftfreq(size, device=device) ** 2
+    sigma = torch.tensor(NOISE_SCALES, device=device).view(-1, 1, 1, 1)
+    transfer = torch.exp(-2 * math.pi**2 * sigma**2 * freq2)  # Gaussian blur's frequency response
+    white = torch.randn(n, len(NOISE_SCALES), 3, size, size, generator=gen, device=device)
+    layers = torch.fft.irfft2(torch.fft.rfft2(white) * transfer, s=(size, size))
+    layers = layers / (layers.std(dim=(2, 3, 4), keepdim=True) + 1e-6)
+    weight = _tensor(rng.uniform(0.2, 1.0, (n, len(NOISE_SCALES))), device)
+    image = (weight.view(n, -1, 1, 1, 1) * layers).sum(dim=1)
+    image = 128 + 40 * image / (image.std(dim=(1, 2, 3), keepdim=True) + 1e-6)
+    # Shapes painted in order over the noise, anti-aliased by their pixel coverage.
+    count = rng.integers(0, MAX_SHAPES + 1, n)
+    circle = rng.random((n, MAX_SHAPES)) < 0.5
+    colour = rng.uniform(0, 255, (n, MAX_SHAPES, 3))
+    centre = rng.integers(0, size, (n, MAX_SHAPES, 2))  # (x, y)
+    extent = rng.integers(size // 16, size // 4, (n, MAX_SHAPES, 2))  # radius = x, or half sides
+    pixels = torch.arange(size, dtype=torch.float32, device=device)
+    for k in range(MAX_SHAPES):
+        dx = pixels.view(1, 1, -1) - _tensor(centre[:, k, 0], device).view(n, 1, 1)
+        dy = pixels.view(1, -1, 1) - _tensor(centre[:, k, 1], device).view(n, 1, 1)
+        ex, ey = (_tensor(extent[:, k, i], device).view(n, 1, 1) for i in (0, 1))
+        disc = (ex + 0.5 - torch.sqrt(dx * dx + dy * dy)).clamp(0, 1)
+        box = (ex + 1 - dx.abs()).clamp(0, 1) * (ey + 1 - dy.abs()).clamp(0, 1)  # pixels c-h..c+h filled
+        cover = torch.where(_tensor(circle[:, k], device, torch.bool).view(n, 1, 1), disc, box) \
+            * _tensor(k < count, device).view(n, 1, 1)
+        image = image + cover[:, None] * (_tensor(colour[:, k], device).view(n, 3, 1, 1) - image)
+    return image.clamp(0, 255)
 
 
-def training_photos() -> list[np.ndarray]:
+@dataclass(frozen=True)
+class Photos:
+    """Photographs on one device: images P×3×H×W float32 in [0, 255], photo i in its top-left
+    sizes[i] = (height, width) corner, edge-replicated to the largest photo's H×W."""
+
+    images: torch.Tensor
+    sizes: np.ndarray
+
+
+def training_photos(device: torch.device | str = "cpu") -> Photos:
     """scikit-image sample photographs used for training (astronaut is held out for evaluation)."""
     from skimage import data
 
     grey = [data.camera(), data.brick(), data.grass(), data.gravel(), data.coins()]
     colour = [data.coffee(), data.chelsea(), data.rocket(), data.immunohistochemistry()]
-    return colour + [np.repeat(g[..., None], 3, axis=2) for g in grey]
+    photos = colour + [np.repeat(g[..., None], 3, axis=2) for g in grey]
+    sizes = np.array([p.shape[:2] for p in photos])
+    height, width = sizes.max(axis=0)
+    images = torch.stack([F.pad(torch.from_numpy(p).permute(2, 0, 1).float()[None],
+                                (0, width - p.shape[1], 0, height - p.shape[0]), mode="replicate")[0]
+                          for p in photos])
+    return Photos(images.to(device), sizes)
 
 
-def flow_field(rng: np.random.Generator, size: int, magnitude: float, kind: str) -> np.ndarray:
-    """size²×2 (dx, dy) displacement, max |u| = magnitude: `global` (one shift) or `local` (1–3 smooth
-    Gaussian bumps, each moving its own way)."""
-    angle = rng.uniform(0, 2 * np.pi)
-    if kind == "global":
-        return np.broadcast_to(np.float32([np.cos(angle), np.sin(angle)]) * magnitude,
-                               (size, size, 2)).copy()
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    flow = np.zeros((size, size, 2), np.float32)
-    for _ in range(int(rng.integers(1, 4))):
-        cy, cx = rng.uniform(0.2, 0.8, 2) * size
-        sigma = rng.uniform(0.08, 0.25) * size
-        bump = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2))
-        a = rng.uniform(0, 2 * np.pi)
-        flow += bump[..., None] * np.float32([np.cos(a), np.sin(a)])
-    return flow * np.float32(magnitude / (np.linalg.norm(flow, axis=2).max() + 1e-6))
+def photo_crops(rng: np.random.Generator, photos: Photos, n: int, size: int) -> torch.Tensor:
+    """N×3×size×size crops of random photographs at a random scale (0.5–1.5 photo pixels per scene
+    pixel), half of them mirrored, in [0, 255]: bicubic resampling (a downscale is ≤ 1.5×, and
+    `render` blurs the scene before use)."""
+    index = rng.integers(len(photos.sizes), size=n)
+    scale = rng.uniform(0.5, 1.5, n)
+    height, width = photos.sizes[index].T
+    side = np.minimum((size * scale).astype(int), np.minimum(height, width))
+    y0, x0 = rng.integers(0, height - side + 1), rng.integers(0, width - side + 1)
+    flip = rng.random(n) < 0.5
+    device = photos.images.device
+    # Output pixel j samples crop coordinate (j + 0.5)·side/size − 0.5 (cv2.resize's pixel centres).
+    j = torch.arange(size, dtype=torch.float32, device=device) + 0.5
+    step = _tensor(side / size, device).view(n, 1)
+    jx = torch.where(_tensor(flip, device, torch.bool).view(n, 1), size - j, j)  # mirrored: size − 1 − j
+    x = _tensor(x0, device).view(n, 1) + jx * step - 0.5
+    y = _tensor(y0, device).view(n, 1) + j * step - 0.5
+    full_h, full_w = photos.images.shape[-2:]
+    grid = torch.stack(torch.broadcast_tensors(((2 * x + 1) / full_w - 1)[:, None, :],
+                                               ((2 * y + 1) / full_h - 1)[:, :, None]), dim=-1)
+    chosen = photos.images[_tensor(index, device, torch.long)]
+    crops = F.grid_sample(chosen, grid, mode="bicubic", padding_mode="border", align_corners=False)
+    return crops.clamp(0, 255)
 
 
-def render(scene: np.ndarray, flow: np.ndarray, t: float) -> np.ndarray:
-    """The scene moved by t × flow (flow at output resolution, scene at 2×), float32 at output size.
+def flow_fields(rng: np.random.Generator, size: int, magnitude: np.ndarray, local: np.ndarray,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """N×2×size×size (dx, dy) displacements, max |u| = magnitude[i]: one shift (local[i] false) or
+    1–3 smooth Gaussian bumps, each moving its own way (local[i] true)."""
+    n = len(magnitude)
+    angle = rng.uniform(0, 2 * np.pi, (n, MAX_BUMPS))  # a shift moves along the first one
+    bumps = rng.integers(1, MAX_BUMPS + 1, n)
+    centre = rng.uniform(0.2, 0.8, (n, MAX_BUMPS, 2)) * size  # (y, x)
+    sigma = rng.uniform(0.08, 0.25, (n, MAX_BUMPS)) * size
+    direction = _tensor(np.stack([np.cos(angle), np.sin(angle)], axis=2), device)  # N×bumps×2
+    pixels = torch.arange(size, dtype=torch.float32, device=device)
+    dist2 = (pixels.view(1, 1, -1, 1) - _tensor(centre[..., 0], device).view(n, -1, 1, 1)) ** 2 \
+        + (pixels.view(1, 1, 1, -1) - _tensor(centre[..., 1], device).view(n, -1, 1, 1)) ** 2
+    active = _tensor(np.arange(MAX_BUMPS) < bumps[:, None], device)
+    bump = torch.exp(-dist2 / (2 * _tensor(sigma, device).view(n, -1, 1, 1) ** 2)) * active.view(n, -1, 1, 1)
+    bumpy = torch.einsum("nbhw,nbc->nchw", bump, direction)
+    peak = bumpy.square().sum(dim=1).amax(dim=(1, 2)).sqrt()  # .norm(dim=1): ~90× slower on a CPU
+    bumpy = bumpy / (peak.view(n, 1, 1, 1) + 1e-6)
+    shift = direction[:, 0].view(n, 2, 1, 1).expand(n, 2, size, size)
+    flow = torch.where(_tensor(local, device, torch.bool).view(n, 1, 1, 1), bumpy, shift)
+    return flow * _tensor(magnitude, device).view(n, 1, 1, 1)
 
-    Backward warp I(x) = scene(x − t·u(x)) at 2× with bicubic interpolation, then a 2× area
-    downsample; every frame (t = 0 included) goes through the same path, so they differ by motion only.
-    The scene is first blurred (σ = 1.5 px at 2×): without it the box downsample aliases and a global
-    shift measures up to 0.07 px off (tests/test_magnifier.py checks ≤ 0.03).
+
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """cv2.GaussianBlur's float kernel (radius round(4σ)) with its default border (reflect-101)."""
+    radius = round(4 * sigma)
+    x = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    kernel = torch.exp(-x * x / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    c = images.shape[1]
+    out = F.pad(images, (radius,) * 4, mode="reflect")  # torch's reflect excludes the edge = reflect-101
+    out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(out, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def render(scene: torch.Tensor, flow: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Scenes N×3×2h×2w moved by t × flow (flow N×2×h×w in output pixels, t N×K), N×K×3×h×w frames.
+
+    Backward warp I(x) = scene(x − t·u(x)) at 2× with bicubic interpolation (reflect-101 border),
+    then a 2× area downsample; every frame (t = 0 included) goes through the same path, so they
+    differ by motion only. The scene is first blurred (σ = 1.5 px at 2×): without it the box
+    downsample aliases and a global shift measures up to 0.07 px off (tests/test_magnifier.py checks
+    ≤ 0.03).
     """
-    scene = cv2.GaussianBlur(scene, (0, 0), ANTI_ALIAS, borderType=cv2.BORDER_REFLECT_101)
-    big = scene.shape[0]
-    up = cv2.resize(flow, (big, big), interpolation=cv2.INTER_LINEAR) * 2  # pixels at 2×
-    yy, xx = np.mgrid[0:big, 0:big].astype(np.float32)
-    warped = cv2.remap(scene, xx - t * up[..., 0], yy - t * up[..., 1], cv2.INTER_CUBIC,
-                       borderMode=cv2.BORDER_REFLECT_101)
-    return cv2.resize(warped, (big // 2, big // 2), interpolation=cv2.INTER_AREA)
+    n, k = t.shape
+    big_h, big_w = scene.shape[-2:]
+    blurred = gaussian_blur(scene, ANTI_ALIAS)
+    up = F.interpolate(flow, size=(big_h, big_w), mode="bilinear", align_corners=False) * 2  # px at 2×
+    tt = t.to(scene).view(n, k, 1, 1)
+    x = torch.arange(big_w, dtype=scene.dtype, device=scene.device).view(1, 1, 1, -1) - tt * up[:, None, 0]
+    y = torch.arange(big_h, dtype=scene.dtype, device=scene.device).view(1, 1, -1, 1) - tt * up[:, None, 1]
+    # align_corners=True: normalised ±1 are the edge pixels' centres, so reflection is reflect-101.
+    grid = torch.stack([2 * x / (big_w - 1) - 1, 2 * y / (big_h - 1) - 1], dim=-1).flatten(0, 1)
+    warped = F.grid_sample(blurred.repeat_interleave(k, dim=0), grid, mode="bicubic",
+                           padding_mode="reflection", align_corners=True)
+    return F.avg_pool2d(warped, 2).unflatten(0, (n, k))
 
 
-def quantise(image: np.ndarray, rng: np.random.Generator, noise: float) -> np.ndarray:
-    """8-bit capture: Gaussian sensor noise (σ in grey levels) + uniform dither, rounded, clipped."""
-    noisy = image + rng.normal(0, noise, image.shape) + rng.uniform(-0.5, 0.5, image.shape)
-    return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+def quantise(images: torch.Tensor, gen: torch.Generator, noise: float | np.ndarray) -> torch.Tensor:
+    """8-bit capture of N×3×H×W in [0, 255]: Gaussian sensor noise (σ in grey levels, one or one per
+    image) + uniform dither, rounded, clipped; returned in [-1, 1] (grey level / 127.5 − 1)."""
+    sigma = _tensor(noise, images.device).reshape(-1, 1, 1, 1)
+    shape, device = images.shape, images.device
+    noisy = images + sigma * torch.randn(shape, generator=gen, device=device) \
+        + torch.rand(shape, generator=gen, device=device) - 0.5
+    return noisy.round().clamp(0, 255) / 127.5 - 1
 
 
-def sample_alpha(rng: np.random.Generator, p: dict[str, Any]) -> float:
-    """α over [alpha_min, alpha_max], with probability alpha_focus_p drawn from alpha_focus instead."""
-    lo, hi = p["alpha_focus"] if rng.random() < p["alpha_focus_p"] else (p["alpha_min"], p["alpha_max"])
-    return float(rng.uniform(lo, hi))
+def sample_alpha(rng: np.random.Generator, p: dict[str, Any], n: int) -> np.ndarray:
+    """n α over [alpha_min, alpha_max], each with probability alpha_focus_p drawn from alpha_focus instead."""
+    focus = rng.random(n) < p["alpha_focus_p"]
+    low = np.where(focus, p["alpha_focus"][0], p["alpha_min"])
+    high = np.where(focus, p["alpha_focus"][1], p["alpha_max"])
+    return rng.uniform(low, high)
 
 
-def make_example(rng: np.random.Generator, p: dict[str, Any],
-                 photos: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """(onset, apex, target) patch²×3 uint8 and α: target = the scene moved α × as far as the apex."""
-    size = p["patch"]
-    scene = _procedural(rng, 2 * size) if rng.random() < p["procedural_p"] else \
-        _photo_crop(rng, photos[int(rng.integers(len(photos)))], 2 * size)
-    alpha = sample_alpha(rng, p)
+def make_batch(rng: np.random.Generator, gen: torch.Generator, p: dict[str, Any],
+               photos: Photos) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(onset, apex, target) N×3×patch×patch in [-1, 1] and α (N), N = batch, on gen's device:
+    target = the scene moved α × as far as the apex, clean."""
+    n, size, device = p["batch"], p["patch"], gen.device
+    scene = torch.empty(n, 3, 2 * size, 2 * size, device=device)
+    chosen = rng.random(n) < p["procedural_p"]
+    for mask, make in ((chosen, lambda m: procedural(rng, gen, m, 2 * size)),
+                       (~chosen, lambda m: photo_crops(rng, photos, m, 2 * size))):
+        if mask.any():
+            scene[_tensor(np.flatnonzero(mask), device, torch.long)] = make(int(mask.sum()))
+    alpha = sample_alpha(rng, p, n)
     # Apex motion log-uniform over motion_px, shrunk so the magnified motion stays within reach.
-    d = math.exp(rng.uniform(*np.log(p["motion_px"])))
-    d = min(d, p["max_magnified_px"] / max(alpha, 1.0))
-    flow = flow_field(rng, size, d, "global" if rng.random() < 0.5 else "local")
-    noise = rng.uniform(0, p["noise_max"])
-    onset, apex = (quantise(render(scene, flow, t), rng, noise) for t in (0.0, 1.0))
-    target = quantise(render(scene, flow, alpha), rng, 0.0)
-    return onset, apex, target, alpha
+    d = np.exp(rng.uniform(*np.log(p["motion_px"]), n))
+    d = np.minimum(d, p["max_magnified_px"] / np.maximum(alpha, 1.0))
+    flow = flow_fields(rng, size, d, rng.random(n) >= 0.5, device)  # half global, half local
+    noise = rng.uniform(0, p["noise_max"], n)
+    t = _tensor(np.stack([np.zeros(n), np.ones(n), alpha], axis=1), device)  # onset, apex, target
+    frames = render(scene, flow, t)
+    captured = quantise(frames[:, :2].flatten(0, 1), gen, np.repeat(noise, 2))
+    onset, apex = captured.unflatten(0, (n, 2)).unbind(1)
+    target = quantise(frames[:, 2], gen, 0.0)
+    return onset, apex, target, _tensor(alpha, device)
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -244,21 +341,15 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """N×3×H×W in [-1, 1] → N×H×W×3 uint8."""
-    out = ((images.detach() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    out = ((images.detach().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     return out.permute(0, 2, 3, 1).numpy()
-
-
-def make_batch(rng: np.random.Generator, p: dict[str, Any], photos: list[np.ndarray]):
-    examples = [make_example(rng, p, photos) for _ in range(p["batch"])]
-    onset, apex, target = (to_tensor(np.stack([e[i] for e in examples])) for i in range(3))
-    return onset, apex, target, torch.tensor([e[3] for e in examples], dtype=torch.float32)
 
 
 def colour_perturb(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Per-image, per-channel random gain and offset (the paper's colour perturbation, simplified)."""
-    n = images.shape[0]
-    gain = 1 + 0.4 * (torch.rand(n, 3, 1, 1, generator=generator) - 0.5)
-    offset = 0.4 * (torch.rand(n, 3, 1, 1, generator=generator) - 0.5)
+    n, device = images.shape[0], images.device
+    gain = 1 + 0.4 * (torch.rand(n, 3, 1, 1, generator=generator, device=device) - 0.5)
+    offset = 0.4 * (torch.rand(n, 3, 1, 1, generator=generator, device=device) - 0.5)
     return (images * gain + offset).clamp(-1, 1)
 
 
@@ -283,11 +374,11 @@ def train_magnifier(p: dict[str, Any], log: bool = True) -> dict[str, torch.Tens
     check_params(p)
     torch.set_num_threads(1)  # deterministic, and the caller's other core stays free
     torch.manual_seed(p["seed"])
-    rng = np.random.default_rng(p["seed"])
-    generator = torch.Generator().manual_seed(p["seed"])
-    photos = training_photos()
     device = torch.device(p.get("device", "cpu") if p.get("device", "cpu") != "auto" else
                           "cuda" if torch.cuda.is_available() else "cpu")
+    rng = np.random.default_rng(p["seed"])  # each example's scalars
+    gen = torch.Generator(device).manual_seed(p["seed"])  # pixel noise and colour perturbations
+    photos = training_photos(device)
     model = Magnifier().to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=p["lr"])
     # Cosine decay from lr to lr_final over the run.
@@ -295,11 +386,11 @@ def train_magnifier(p: dict[str, Any], log: bool = True) -> dict[str, torch.Tens
         1 - p["lr_final"] / p["lr"]) * 0.5 * (1 + math.cos(math.pi * s / max(p["steps"], 1))))
     start = time.perf_counter()
     for step in range(p["steps"]):
-        onset, apex, target, alpha = (x.to(device) for x in make_batch(rng, p, photos))
+        onset, apex, target, alpha = make_batch(rng, gen, p, photos)
         loss = F.l1_loss(model(onset, apex, alpha), target)
         if p["reg_weight"] > 0:
             # texture is motion-invariant (target vs onset), shape is colour-invariant (target vs perturbed).
-            target_perturbed = colour_perturb(target.cpu(), generator).to(device)
+            target_perturbed = colour_perturb(target, gen)
             texture_target, shape_target = model.encoder(target)
             texture_onset, _ = model.encoder(onset)
             _, shape_perturbed = model.encoder(target_perturbed)

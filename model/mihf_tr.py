@@ -110,7 +110,7 @@ class ModelConfig:
         if self.pretrained is None:
             self.pretrained = "none"
         if not isinstance(self.pretrained, str):
-            raise ValueError(f"model.pretrained must be 'none' or a path, got {self.pretrained!r}")
+            raise ValueError(f"model.pretrained must be none, imagenet or a path, got {self.pretrained!r}")
         num("block", int, 1)
         num("dim", int, 1)
         num("gcn_layers", int, 1)

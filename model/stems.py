@@ -23,7 +23,9 @@ Inputs.
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import torchvision
@@ -35,10 +37,14 @@ FLOW_SCALE_PX = 2.0
 IMAGE_SIZE = 224
 BLOCKS = (3, 4, 6, 3)  # bottleneck blocks in layer1..layer4
 VALID_LAYERS = (1, 2, *(2 + 3 * k for k in range(1, sum(BLOCKS) + 1)))
+# The classic torchvision ImageNet weights (76.1 % top-1, what most papers mean by ImageNet ResNet50
+# stems; V2's 80.9 % recipe came in 2021). torch hub caches them at imagenet_checkpoint().
+IMAGENET_WEIGHTS = torchvision.models.ResNet50_Weights.IMAGENET1K_V1
+# Per socket operation, not the whole download: a blocked network fails in seconds, not hours.
+DOWNLOAD_TIMEOUT_S = 30
 WEIGHTS_HINT = (
-    "download torchvision's ImageNet resnet50 state_dict (e.g. resnet50-0676ba61.pth or "
-    "resnet50-11ad3fa6.pth from https://download.pytorch.org/models/, the file torch hub caches in "
-    "~/.cache/torch/hub/checkpoints/) and put it at that path, or set model.pretrained: none"
+    "set model.pretrained: imagenet (torchvision's ImageNet resnet50, downloaded to or read from "
+    "torch hub's cache), a path to such a state_dict (.pth), or none"
 )
 
 
@@ -58,15 +64,42 @@ def stem_geometry(layers: int) -> tuple[int, int]:
     raise AssertionError("unreachable")
 
 
+def imagenet_checkpoint() -> Path:
+    """Where torch hub caches (and looks for) IMAGENET_WEIGHTS: $TORCH_HOME/hub/checkpoints/<file>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(IMAGENET_WEIGHTS.url).path).name
+
+
+def _imagenet_state() -> dict[str, Tensor]:
+    """IMAGENET_WEIGHTS' state_dict: from torch hub's cache, else downloaded there (hash checked)."""
+    checkpoint = imagenet_checkpoint()
+    timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        return IMAGENET_WEIGHTS.get_state_dict(progress=False, check_hash=True, weights_only=True)
+    except OSError as err:  # no network, HTTP error, timeout
+        reason = " ".join(str(err).split())
+        raise FileNotFoundError(
+            f"model.pretrained: imagenet: cannot download {IMAGENET_WEIGHTS.url} ({reason}); place "
+            f"{checkpoint.name} (from that URL) in {checkpoint.parent}/ (torch hub's cache, "
+            f"$TORCH_HOME/hub/checkpoints), or set model.pretrained to a path to it, or none"
+        ) from err
+    finally:
+        socket.setdefaulttimeout(timeout)
+
+
 def load_resnet50(pretrained: str | Path | None) -> torchvision.models.ResNet:
-    """A torchvision resnet50, randomly initialised ("none") or with the state_dict file loaded."""
+    """A torchvision resnet50: randomly initialised ("none"), with IMAGENET_WEIGHTS ("imagenet"), or
+    with the state_dict file `pretrained` loaded."""
     net = torchvision.models.resnet50()
     if pretrained is None or str(pretrained) in ("", "none"):
         return net
-    path = Path(pretrained).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"model.pretrained: no such file {str(path)!r}; {WEIGHTS_HINT}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    if str(pretrained) == "imagenet":
+        source, state = str(imagenet_checkpoint()), _imagenet_state()
+    else:
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"model.pretrained: no such file {str(path)!r}; {WEIGHTS_HINT}")
+        source, state = str(path), torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     state = {k.removeprefix("module."): v for k, v in state.items()}
@@ -74,7 +107,7 @@ def load_resnet50(pretrained: str | Path | None) -> torchvision.models.ResNet:
         net.load_state_dict(state)
     except RuntimeError as err:
         raise ValueError(
-            f"model.pretrained: {str(path)!r} is not a torchvision resnet50 state_dict: {err}"
+            f"model.pretrained: {source!r} is not a torchvision resnet50 state_dict: {err}"
         ) from err
     return net
 

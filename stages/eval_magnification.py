@@ -18,6 +18,7 @@ Writes metrics/magnification.json and the plot metrics/magnification_ratio.png.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import time
@@ -27,6 +28,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from mer.common import (
@@ -36,10 +38,11 @@ from mer.common import (
     parallel_map,
     run_main,
     save_figure,
+    single_threaded,
     single_threaded_opencv,
     stage_paths,
 )
-from model.magnifier import _procedural, flow_field, quantise, render
+from model.magnifier import flow_fields, procedural, quantise, render, to_uint8
 from stages.flow import flow_pair
 from stages.magnify import learned, learned_model, magnify_pair
 
@@ -52,22 +55,33 @@ SIZE = 128  # evaluation crops; timing uses 224²
 SEED = 20_000  # far from the training seeds
 
 
-def scenes() -> dict[str, np.ndarray]:
-    """name → 2·SIZE square float32 RGB scene (frames are rendered at 2× and downsampled)."""
+def scenes() -> dict[str, torch.Tensor]:
+    """name → 3 × 2·SIZE × 2·SIZE float32 RGB scene in [0, 255] (frames are rendered at 2× and
+    downsampled)."""
     from skimage import data
 
     face = data.astronaut()[30:250, 150:370].astype(np.float32)  # head, 220²
-    face = cv2.resize(face, (2 * SIZE, 2 * SIZE), interpolation=cv2.INTER_CUBIC)
-    return {"face": np.clip(face, 0, 255), "texture": _procedural(np.random.default_rng(SEED), 2 * SIZE)}
+    face = np.clip(cv2.resize(face, (2 * SIZE, 2 * SIZE), interpolation=cv2.INTER_CUBIC), 0, 255)
+    with one_thread():
+        texture = procedural(np.random.default_rng(SEED), torch.Generator().manual_seed(SEED), 1, 2 * SIZE)[0]
+    return {"face": torch.from_numpy(face).permute(2, 0, 1), "texture": texture}
 
 
-def make_case(scene: np.ndarray, kind: str, d: float, noise: float, seed: int):
-    """(onset, apex, truth at α·d, true magnified flow) for one held-out case."""
-    rng = np.random.default_rng(seed)
-    flow = flow_field(rng, SIZE, d, kind)
-    onset, apex = (quantise(render(scene, flow, t), rng, noise) for t in (0.0, 1.0))
-    truth = quantise(render(scene, flow, ALPHA), np.random.default_rng(seed + 1), 0.0)
-    return onset, apex, truth, ALPHA * flow
+def one_thread() -> contextlib.AbstractContextManager[None]:
+    """torch on one thread: one process per core already (parallel_map), and no OpenMP pool to fork."""
+    return single_threaded(torch.get_num_threads, torch.set_num_threads)
+
+
+def make_case(scene: torch.Tensor, kind: str, d: float, noise: float, seed: int,
+           size: int = SIZE) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(onset, apex, truth at α·d) size²×3 uint8 and the true magnified flow size²×2 for one case."""
+    rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    with one_thread():
+        flow = flow_fields(rng, size, np.array([d]), np.array([kind == "local"]))
+        onset, apex, truth = render(scene[None], flow, torch.tensor([[0.0, 1.0, ALPHA]]))[0].unbind(0)
+        onset, apex = to_uint8(quantise(torch.stack([onset, apex]), gen, noise))
+        truth = to_uint8(quantise(truth[None], torch.Generator().manual_seed(seed + 1), 0.0))[0]
+    return onset, apex, truth, ALPHA * flow[0].permute(1, 2, 0).numpy()
 
 
 def ratio(measured: np.ndarray, true: np.ndarray, kind: str) -> float:
@@ -81,7 +95,7 @@ def ratio(measured: np.ndarray, true: np.ndarray, kind: str) -> float:
     return float((m * u).sum() / (u * u).sum())
 
 
-def evaluate_case(case: tuple[str, str, float, str], scene_images: dict[str, np.ndarray],
+def evaluate_case(case: tuple[str, str, float, str], scene_images: dict[str, torch.Tensor],
                   flow_params: dict[str, Any], weights: str) -> list[dict[str, Any]]:
     name, kind, d, noise_name = case
     seed = SEED + 1000 * list(scene_images).index(name) + 100 * KINDS.index(kind) + MOTIONS.index(d)
@@ -103,10 +117,9 @@ def evaluate_case(case: tuple[str, str, float, str], scene_images: dict[str, np.
 
 def seconds_per_pair(weights: str) -> dict[str, float]:
     """Median of 3 single-thread runs on a 224² pair (after one warm-up)."""
-    rng = np.random.default_rng(SEED)
-    scene = _procedural(rng, 448)
-    flow = flow_field(rng, 224, 0.5, "global")
-    onset, apex = (quantise(render(scene, flow, t), rng, 0.0) for t in (0.0, 1.0))
+    with one_thread():
+        scene = procedural(np.random.default_rng(SEED), torch.Generator().manual_seed(SEED), 1, 448)[0]
+    onset, apex, _, _ = make_case(scene, "global", 0.5, 0.0, SEED, size=224)
     out = {}
     with single_threaded_opencv():
         for method in METHOD_NAMES:

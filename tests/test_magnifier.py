@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -13,14 +14,17 @@ from skimage.registration import phase_cross_correlation
 from mer.common import PipelineError
 from model.magnifier import (
     Magnifier,
-    _procedural,
-    flow_field,
-    make_example,
+    Photos,
+    flow_fields,
+    make_batch,
+    photo_crops,
+    procedural,
+    quantise,
     render,
     save_weights,
-    to_tensor,
     to_uint8,
     train_magnifier,
+    training_photos,
 )
 from stages import magnify
 from tests.conftest import REPO
@@ -72,12 +76,13 @@ def test_alpha_one_is_exactly_the_reconstruction():
 def test_untrained_and_briefly_trained_net_keep_the_input_at_alpha_one(tiny_weights):
     model = Magnifier()
     model.load_state_dict(torch.load(tiny_weights, weights_only=True))
-    rng = np.random.default_rng(5)
-    scene = _procedural(rng, 128)
-    apex = np.clip(np.rint(render(scene, flow_field(rng, 64, 0.5, "global"), 1.0)), 0, 255).astype(np.uint8)
+    rng, gen = np.random.default_rng(5), torch.Generator().manual_seed(5)
+    scene = procedural(rng, gen, 1, 128)
+    flow = flow_fields(rng, 64, np.array([0.5]), np.array([False]))
+    apex = quantise(render(scene, flow, torch.tensor([[1.0]]))[:, 0], gen, 0.0)
     with torch.no_grad():
-        out = to_uint8(model.reconstruct(to_tensor(apex[None])))[0]
-    assert structural_similarity(out, apex, channel_axis=2, data_range=255) >= 0.97
+        out = to_uint8(model.reconstruct(apex))[0]
+    assert structural_similarity(out, to_uint8(apex)[0], channel_axis=2, data_range=255) >= 0.97
 
 
 def test_training_is_deterministic(tiny_weights, tmp_path):
@@ -88,24 +93,63 @@ def test_training_is_deterministic(tiny_weights, tmp_path):
 
 @pytest.mark.parametrize(("dx", "dy"), [(0.75, -0.5), (0.1, 0.2), (2.0, 1.0)])
 def test_rendered_global_motion_is_the_stated_one(dx, dy):
-    scene = _procedural(np.random.default_rng(1), 256)
-    flow = np.broadcast_to(np.float32([dx, dy]), (128, 128, 2)).copy()
-    onset, moved, triple = (render(scene, flow, t).mean(axis=2) for t in (0.0, 1.0, 3.0))
+    scene = procedural(np.random.default_rng(1), torch.Generator().manual_seed(1), 1, 256)
+    flow = torch.tensor([dx, dy]).view(1, 2, 1, 1).expand(1, 2, 128, 128)
+    onset, moved, triple = render(scene, flow, torch.tensor([[0.0, 1.0, 3.0]]))[0].mean(dim=1).numpy()
     np.testing.assert_allclose(shift(onset, moved), [dx, dy], atol=0.03)
     np.testing.assert_allclose(shift(onset, triple), [3 * dx, 3 * dy], atol=0.06)
 
 
-def test_example_target_is_alpha_times_the_apex_motion():
-    p = tiny_params(patch=64, noise_max=0.0, alpha_focus_p=1.0, procedural_p=1.0)
-    rng = np.random.default_rng(3)
-    for _ in range(3):
-        onset, apex, target, alpha = make_example(rng, p, [])
-        assert onset.shape == apex.shape == target.shape == (64, 64, 3) and onset.dtype == np.uint8
-        assert 2.0 <= alpha <= 4.0
-        # Local or global, the target's motion is α× the apex's wherever something moves.
-        grey = [x.astype(np.float32).mean(axis=2) for x in (onset, apex, target)]
-        moved_apex, moved_target = np.abs(grey[1] - grey[0]).sum(), np.abs(grey[2] - grey[0]).sum()
-        assert moved_target >= moved_apex
+def test_local_flow_peaks_at_the_stated_magnitude():
+    flow = flow_fields(np.random.default_rng(2), 64, np.array([0.3, 2.0, 1.0]), np.array([True, True, False]))
+    norm = flow.norm(dim=1)
+    np.testing.assert_allclose(norm.amax(dim=(1, 2)), [0.3, 2.0, 1.0], rtol=1e-4)
+    assert norm[:2].amin(dim=(1, 2)).max() < 0.5 * norm[:2].amax(dim=(1, 2)).min()  # local: bumps
+    assert torch.allclose(norm[2], torch.ones(64, 64))  # global: one shift
+
+
+def test_photo_crops_resample_like_cv2():
+    # A 64² photo cropped to 128²: every crop is the whole photo (side = min(int(128·scale), 64)),
+    # upscaled 2×, mirrored or not: cv2.resize's bicubic, pixel centres and border.
+    photo = np.random.default_rng(0).uniform(0, 255, (64, 64, 3)).astype(np.float32)
+    photos = Photos(torch.from_numpy(photo).permute(2, 0, 1)[None], np.array([[64, 64]]))
+    crops = photo_crops(np.random.default_rng(1), photos, 8, 128).permute(0, 2, 3, 1).numpy()
+    expected = np.clip(cv2.resize(photo, (128, 128), interpolation=cv2.INTER_CUBIC), 0, 255)
+    mirrored = [np.abs(crop - expected[:, ::-1]).max() < 0.01 for crop in crops]
+    straight = [np.abs(crop - expected).max() < 0.01 for crop in crops]
+    assert all(m != s for m, s in zip(mirrored, straight)) and any(mirrored) and any(straight)
+
+
+def test_batch_target_is_alpha_times_the_apex_motion():
+    p = tiny_params(batch=6, patch=64, noise_max=0.0, alpha_focus_p=1.0, procedural_p=0.5)
+    onset, apex, target, alpha = make_batch(np.random.default_rng(3), torch.Generator().manual_seed(3), p,
+                                            training_photos())
+    assert onset.shape == apex.shape == target.shape == (6, 3, 64, 64) and alpha.shape == (6,)
+    assert ((2.0 <= alpha) & (alpha <= 4.0)).all()
+    for x in (onset, apex, target):  # 8-bit grey levels in [-1, 1]
+        levels = (x + 1) * 127.5
+        assert x.min() >= -1 and x.max() <= 1 and torch.allclose(levels, levels.round(), atol=1e-4)
+    # Local or global, the target's motion is α× the apex's wherever something moves.
+    grey = [x.mean(dim=1) for x in (onset, apex, target)]
+    moved_apex, moved_target = ((g - grey[0]).abs().sum(dim=(1, 2)) for g in grey[1:])
+    assert (moved_target >= moved_apex).all()
+
+
+def test_batch_is_reproducible():
+    p = tiny_params(batch=3, patch=32)
+    photos = training_photos()
+    first, again = (make_batch(np.random.default_rng(7), torch.Generator().manual_seed(7), p, photos)
+                    for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_batch_on_gpu():
+    p = tiny_params(batch=4, patch=128)
+    gen = torch.Generator("cuda").manual_seed(0)
+    onset, apex, target, alpha = make_batch(np.random.default_rng(0), gen, p, training_photos("cuda"))
+    assert all(x.is_cuda for x in (onset, apex, target, alpha)) and onset.shape == (4, 3, 128, 128)
+    assert train_magnifier(tiny_params(device="cuda", steps=2, batch=4, patch=128), log=False)
 
 
 @pytest.mark.parametrize("weights, says", [

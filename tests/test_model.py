@@ -4,6 +4,10 @@ gradients, pretrained loading, and overfitting a batch of 8."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -429,6 +433,44 @@ def test_pretrained_errors(tmp_path):
     torch.save({"conv1.weight": torch.zeros(1)}, wrong)
     with pytest.raises(ValueError, match="not a torchvision resnet50"):
         MiHFTr(ModelConfig(pretrained=str(wrong)), num_classes=3)
+
+
+
+IMAGENET_FILE = "resnet50-0676ba61.pth"  # torchvision's IMAGENET1K_V1, the name in its URL
+
+
+def test_pretrained_imagenet_reads_torch_hub_cache(tmp_path, monkeypatch):
+    # A file placed where torch hub caches the download is used as is, without network.
+    torch.manual_seed(4)
+    state = torchvision.models.resnet50().state_dict()
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(state, tmp_path / "hub" / "checkpoints" / IMAGENET_FILE)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    stem = Stem(11, "imagenet", "motion")
+    got = stem.body.state_dict()
+    assert torch.equal(got["0.weight"], state["conv1.weight"])
+    assert torch.equal(got["6.conv3.weight"], state["layer1.2.conv3.weight"])
+    assert torch.equal(got["6.bn3.running_var"], state["layer1.2.bn3.running_var"])
+
+
+def test_pretrained_imagenet_offline_is_one_line_naming_file_and_folder(tmp_path):
+    # A real download attempt, through a proxy nobody listens on (refused at once): a fresh process,
+    # since urllib reads the proxy variables once per process.
+    env = dict(os.environ, TORCH_HOME=str(tmp_path / "home"), https_proxy="http://127.0.0.1:9",
+               HTTPS_PROXY="http://127.0.0.1:9", no_proxy="", NO_PROXY="")
+    code = ("from model import MiHFTr, ModelConfig\n"
+            "try:\n    MiHFTr(ModelConfig(pretrained='imagenet'), num_classes=3)\n"
+            "except FileNotFoundError as err:\n    print('ERROR', err)\n")
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert time.perf_counter() - start < 60
+    lines = [line for line in out.stdout.splitlines() if line.startswith("ERROR")]
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stdout + out.stderr
+    folder = tmp_path / "home" / "hub" / "checkpoints"
+    assert f"place {IMAGENET_FILE} " in lines[0] and f" in {folder}/ " in lines[0]
+    assert "path" in lines[0] and "none" in lines[0]
+    assert not any(folder.iterdir())  # no partial download left behind
 
 
 # ---------------------------------------------------------------- jitter, batches
