@@ -1,112 +1,126 @@
-"""Training cost per sample, frozen vs trainable stems, and the share of it spent in the stems.
+"""LOSO training throughput: each fold alone (`train.fold_batch: 1`) vs folds trained together.
 
-    python -m benchmarks.train [--samples 8] [--batch 4] [--threads 1] [--real]
+    python -m benchmarks.train [--samples 16] [--subjects 4] [--epochs 2] [--batch 4] [--stems both]
+    python -m benchmarks.train --paper    # CASME II-sized, trainable stems, 100 epochs, batch 64, GPU
 
-Random inputs of the processed-file shapes (or, with --real, the first samples of
-data/processed/<data.dataset>.h5), the model of params.yaml, one thread by default (as one fold
-worker of the `train` stage). Prints, per sample:
-- trainable stems (the paper): one training step = stems + head forward/backward + Adam; the stems'
-  share is (full step - head step on detached stem maps) / full step;
-- frozen stems (the CPU default): stems forward once per sample (cached), then head steps only;
-  the stems' share of a whole LOSO run = stems / (stems + epochs x (subjects - 1) x head step),
-  with `train.epochs` and the dataset's subject count (12 if unknown).
+Random arrays shaped like the processed HDF5 (N x 224 x 224 x 3 uint8 apex, N x 224 x 224 x 2
+float32 flow, N x 51 x 4 landmarks inside the crop, 3 classes, subjects in turn), the `model` and
+`train` sections of params.yaml with these sizes, on CUDA when present, else the CPU. For frozen
+stems (cached AF / MF, the CPU default) and / or trainable stems (the paper), it runs the `train`
+stage's `run_folds` twice in this one process, sequential (`fold_batch: 1`: a pool of `workers`
+single-thread processes on CPU, one fold after the other on CUDA) then fold-batched (`--fold-batch`
+folds at a time, 0 = all; on CPU one group per pool process, or a lone group on `workers` threads),
+and prints training samples/s (training samples x epochs / seconds of `run_folds`, the predictions
+of the held-out subjects included) of each, their ratio, and the wall time of the whole schedule.
+`--toggle amp` (or `channels_last`) also times the fold-batched path with that option flipped.
+`--sequential-epochs` times the sequential path on fewer epochs (samples/s per epoch does not
+depend on their number) where all of them would take too long; explicit options override `--paper`.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from mer.common import class_names, load_params, read_h5
-from model import MiHFTr, ModelConfig, build_loss, prepare_batch
+from mer.common import load_params, worker_count
+from stages import train
+
+# CASME II-sized (3 classes: ~145 samples, 24 subjects), the paper's schedule. 8 folds at a time:
+# the trainable stems keep ~90 MB of activations per image for the backward (float32, measured on
+# CPU), ~35 GB for 8 folds' batches of ~46. Each fold alone is timed on 5 epochs only (a device
+# command may run 10 min).
+PAPER = {"samples": 145, "subjects": 24, "epochs": 100, "batch": 64, "stems": "trainable", "fold_batch": 8,
+         "sequential_epochs": 5}
 
 
-def inputs(n: int, real: bool, params: dict) -> tuple[dict[str, np.ndarray], int, int]:
-    """(arrays, num_classes, subjects) of n samples."""
-    path = Path("data/processed") / f"{params['data']['dataset']}.h5"
-    if real:
-        arrays, attrs = read_h5(path, ["apex", "flow", "landmarks", "label", "subject"])
-        classes = class_names(attrs)
-        num_classes = len(classes)
-        subjects = len(set(arrays["subject"]))
-        return {k: v[:n] for k, v in arrays.items()}, num_classes, subjects
-    rng = np.random.default_rng(0)
-    arrays = {
-        "apex": rng.integers(0, 256, (n, 224, 224, 3), dtype=np.uint8),
-        "flow": rng.normal(0, 1, (n, 224, 224, 2)).astype(np.float32),
-        "landmarks": rng.uniform(30, 190, (n, 51, 4)).astype(np.float32),
-        "label": rng.integers(0, 3, n),
+def synthetic(samples: int, subjects: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random processed-HDF5 arrays: every subject and class present, landmarks inside the crop."""
+    rng = np.random.default_rng(seed)
+    onset = rng.uniform(30, 190, (samples, 51, 2))
+    return {
+        "apex": rng.integers(0, 256, (samples, 224, 224, 3), dtype=np.uint8),
+        "flow": rng.normal(0, 1, (samples, 224, 224, 2)).astype(np.float32),
+        "landmarks": np.concatenate([onset, onset + rng.normal(0, 1, onset.shape)], -1).astype(np.float32),
+        "label": np.arange(samples) % 3,
+        "subject": np.array([f"s{i % subjects:02d}" for i in range(samples)]),
     }
-    return arrays, 3, 12
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
+def timed_run(params: dict, arrays: dict[str, np.ndarray], fold_batch: int,
+              epochs: int) -> tuple[float, float]:
+    """(training samples / s, seconds) of run_folds with this fold_batch and epoch count."""
+    params = {**params, "train": {**params["train"], "fold_batch": fold_batch, "epochs": epochs}}
+    cfg, model_cfg, device = train.configure(params)
+    folds = train.loso_splits(arrays["subject"], cfg.seed)
+    train.setup_state(cfg, model_cfg, device, arrays, 3)
+    try:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        train.run_folds(folds, params["workers"], epochs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    finally:
+        train._STATE.clear()
+    return sum(len(f.train) for f in folds) * epochs / seconds, seconds
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--subjects", type=int, default=4, help="= folds")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--sequential-epochs", type=int, default=0,
+                    help="epochs timed with each fold alone (0: --epochs)")
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--real", action="store_true", help="use the processed file instead of random inputs")
+    ap.add_argument("--stems", choices=["frozen", "trainable", "both"], default="both")
+    ap.add_argument("--fold-batch", type=int, default=0, help="folds trained together (0: all)")
+    ap.add_argument("--workers", type=int, default=0, help="CPU processes / threads (0: every core)")
+    ap.add_argument("--amp", choices=["none", "bf16"], default="none")
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--toggle", choices=["amp", "channels_last"],
+                    help="also time fold-batched with this flipped (amp: none <-> bf16), same run")
+    ap.add_argument("--paper", action="store_true", help="CASME II-sized: " + ", ".join(
+        f"{k.replace('_', '-')} {v}" for k, v in PAPER.items()))
+    if ap.parse_known_args()[0].paper:
+        ap.set_defaults(**PAPER)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     params = load_params()
-    epochs = int((params.get("train") or {}).get("epochs", 100))
-    arrays, num_classes, subjects = inputs(args.samples, args.real, params)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    b = args.batch
-    apex, flow, lm = prepare_batch(arrays["apex"][:b], arrays["flow"][:b], arrays["landmarks"][:b], device)
-    y = torch.from_numpy(arrays["label"][:b].astype(np.int64)).to(device)
-    counts = np.bincount(arrays["label"], minlength=num_classes)
-    print(f"{device}, {args.threads} thread(s), batch {b}, {'real' if args.real else 'random'} inputs")
-
-    results = {}
-    for frozen in (False, True):
-        cfg = ModelConfig.from_params({**params["model"], "freeze_stems": frozen})
-        net = MiHFTr(cfg, num_classes).to(device).train()
-        loss_fn = build_loss(cfg.loss, cfg.gamma, counts).to(device)
-        opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-3)
-
-        def step(af, mf, full: bool, net=net, loss_fn=loss_fn, opt=opt) -> None:
-            logits = net(apex, flow, lm) if full else net.head(af, mf, lm)
-            loss = loss_fn(logits, y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-
-        with torch.no_grad():
-            af, mf = net.stems(apex, flow)
-            stems_fwd = timed(lambda net=net: net.stems(apex, flow), args.repeats) / b
-        head = timed(lambda af=af, mf=mf, step=step: step(af, mf, False), args.repeats) / b
-        if frozen:
-            total_run = stems_fwd + epochs * (subjects - 1) * head
-            results["frozen"] = (1 / head, stems_fwd / total_run)
-            print(f"frozen stems:    stems forward (once per sample) {1e3 * stems_fwd:7.1f} ms, head step "
-                  f"{1e3 * head:7.1f} ms -> {1 / head:6.1f} training samples/s; stems' share of a LOSO run "
-                  f"({epochs} epochs x {subjects - 1} folds per sample) {100 * stems_fwd / total_run:5.1f}%")
-        else:
-            full = timed(lambda af=af, mf=mf, step=step: step(af, mf, True), args.repeats) / b
-            results["trainable"] = (1 / full, (full - head) / full)
-            print(f"trainable stems: full step {1e3 * full:7.1f} ms ({1 / full:6.1f} training samples/s), "
-                  f"of which stems {1e3 * (full - head):7.1f} ms = {100 * (full - head) / full:5.1f}%, "
-                  f"head {1e3 * head:7.1f} ms")
-    speedup = results["frozen"][0] / results["trainable"][0]
-    print(f"frozen / trainable training throughput: {speedup:.1f}x")
+    params["workers"] = args.workers
+    params["train"] = {**params["train"], "batch_size": args.batch, "amp": args.amp,
+                       "channels_last": args.channels_last, "device": "auto"}
+    arrays = synthetic(args.samples, args.subjects)
+    device = train.resolve_device("auto")
+    workers = min(worker_count(args.workers), args.subjects)
+    print(f"{device} ({os.cpu_count()} CPU cores, {workers} workers), {args.samples} samples, "
+          f"{args.subjects} subjects, {args.epochs} epochs, batch {args.batch}, "
+          f"fold_batch {args.fold_batch}, amp {args.amp}, channels_last {args.channels_last}")
+    for frozen in {"frozen": [True], "trainable": [False], "both": [True, False]}[args.stems]:
+        params["model"] = {**params["model"], "freeze_stems": frozen}
+        seq_epochs = args.sequential_epochs or args.epochs
+        seq, seq_s = timed_run(params, arrays, 1, seq_epochs)
+        bat, bat_s = timed_run(params, arrays, args.fold_batch, args.epochs)
+        name = "frozen stems   " if frozen else "trainable stems"
+        print(f"{name}: sequential {seq:8.1f} samples/s ({seq_s:7.1f} s for {seq_epochs} epochs, "
+              f"{seq_s * args.epochs / seq_epochs:7.1f} s for {args.epochs}), fold-batched {bat:8.1f} "
+              f"samples/s ({bat_s:7.1f} s for {args.epochs} epochs): fold-batched / sequential "
+              f"{bat / seq:5.2f}x")
+        if args.toggle:
+            flipped = {"amp": "none" if args.amp == "bf16" else "bf16",
+                       "channels_last": not args.channels_last}
+            other = {**params, "train": {**params["train"], args.toggle: flipped[args.toggle]}}
+            rate, seconds = timed_run(other, arrays, args.fold_batch, args.epochs)
+            print(f"  fold-batched with {args.toggle} {flipped[args.toggle]}: {rate:8.1f} samples/s "
+                  f"({seconds:7.1f} s): {rate / bat:5.2f}x the rate without")
+        if device.type == "cuda":
+            print(f"  peak CUDA memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+            torch.cuda.reset_peak_memory_stats()
 
 
 if __name__ == "__main__":

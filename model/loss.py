@@ -46,11 +46,26 @@ class FocalLoss(nn.Module):
         self.register_buffer("weights", None if weights is None else weights.float())
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        logp = F.log_softmax(logits, dim=-1).gather(1, target[:, None]).squeeze(1)  # B: log p_y
-        loss = -((1 - logp.exp()) ** self.gamma) * logp
-        if self.weights is not None:
-            loss = loss * self.weights.to(loss.device)[target]
-        return loss.mean()
+        return focal_terms(logits, target, self.gamma, self.weights).mean()
+
+
+def focal_terms(logits: Tensor, target: Tensor, gamma: float, weights: Tensor | None = None) -> Tensor:
+    """Each sample's -w_y (1 - p_y)^gamma log p_y (B); every loss of LOSSES is one of these (`focal`:
+    no weights, `ce`: gamma 0 as well), `loss_terms` gives gamma and weights."""
+    logp = F.log_softmax(logits, dim=-1).gather(1, target[:, None]).squeeze(1)  # B: log p_y
+    loss = -((1 - logp.exp()) ** gamma) * logp
+    if weights is not None:
+        loss = loss * weights.to(loss.device)[target]
+    return loss
+
+
+def loss_terms(name: str, gamma: float, class_counts: Sequence[int] | np.ndarray) -> tuple[float, Tensor]:
+    """(gamma, class weights C) with which `focal_terms` gives loss `name`'s per-sample terms (fold-batched
+    training weights them itself: a mean over each fold's own batch)."""
+    if name not in LOSSES:
+        raise ValueError(f"loss must be one of {list(LOSSES)}, got {name!r}")
+    weights = class_weights(class_counts) if name == "cw-focal" else torch.ones(len(class_counts))
+    return (0.0 if name == "ce" else float(gamma)), weights
 
 
 def build_loss(

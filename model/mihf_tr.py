@@ -16,7 +16,9 @@ Landmark jitter (Table 9): each landmark position moves by exactly e crop pixels
 random direction ("randomly deviating from the coordinate by e pixels"): onset and apex
 independently with `dlib` points (detected independently), by one offset with `flow` points (the
 apex point is the onset point tracked). `landmark_jitter_train` applies in train mode,
-`landmark_jitter_test` in eval mode, both drawn from torch's global RNG (seed it to repeat).
+`landmark_jitter_test` in eval mode, drawn from torch's global RNG (seed it to repeat), or given to
+`head` / `forward` as offsets drawn beforehand from a generator of the caller's (`MiHFTr.jitter`:
+training draws each fold's from its own, so that folds trained together draw what they draw alone).
 """
 
 from __future__ import annotations
@@ -142,17 +144,24 @@ class ModelConfig:
             raise ValueError(f"model.block {self.block} is larger than the feature map")
 
 
-def jitter_landmarks(landmarks: Tensor, e: float, generator: torch.Generator | None = None,
-                     together: bool = False) -> Tensor:
-    """Move every (x, y) point by exactly e px in a random direction: onset and apex independently
-    (each detected on its own), or `together` (the apex point is the onset point tracked)."""
+def landmark_offsets(landmarks: Tensor, e: float, generator: torch.Generator | None = None,
+                     together: bool = False) -> Tensor | None:
+    """The moves of `jitter_landmarks` (shaped like `landmarks`, B x 51 x 4), None when e <= 0."""
     if e <= 0:
-        return landmarks
+        return None
     pts = landmarks.unflatten(-1, (2, 2))  # B x 51 x 2 (onset, apex) x 2 (x, y)
     shape = (*pts.shape[:-2], 1) if together else pts.shape[:-1]
     theta = torch.rand(shape, generator=generator, device=landmarks.device) * (2 * math.pi)
     offset = torch.stack([theta.cos(), theta.sin()], dim=-1).to(landmarks.dtype) * e
-    return (pts + offset).flatten(-2)
+    return offset.expand(pts.shape).flatten(-2)
+
+
+def jitter_landmarks(landmarks: Tensor, e: float, generator: torch.Generator | None = None,
+                     together: bool = False) -> Tensor:
+    """Move every (x, y) point by exactly e px in a random direction: onset and apex independently
+    (each detected on its own), or `together` (the apex point is the onset point tracked)."""
+    offsets = landmark_offsets(landmarks, e, generator, together)
+    return landmarks if offsets is None else landmarks + offsets
 
 
 class MiHFTr(nn.Module):
@@ -221,14 +230,23 @@ class MiHFTr(nn.Module):
             raise ValueError("model.apex_landmarks: flow needs the flow")
         return track_apex(landmarks, flow)
 
-    def head(
-        self, af: Tensor | None, mf: Tensor | None, landmarks: Tensor, return_features: bool = False
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """AF, MF (None where the modality is off), the head's landmarks B x 51 x 4 px (`landmarks`)
-        -> logits B x C (, F_ME B x d)."""
+    def jitter(self, landmarks: Tensor, generator: torch.Generator | None = None) -> Tensor | None:
+        """Landmark offsets (B x 51 x 4) of this mode's jitter (train / eval) for a batch shaped like
+        `landmarks`, drawn from `generator`; None when this mode has no jitter."""
         cfg = self.config
         e = cfg.landmark_jitter_train if self.training else cfg.landmark_jitter_test
-        lm = jitter_landmarks(landmarks, e, together=cfg.apex_landmarks == "flow")
+        return landmark_offsets(landmarks, e, generator, together=cfg.apex_landmarks == "flow")
+
+    def head(
+        self, af: Tensor | None, mf: Tensor | None, landmarks: Tensor, return_features: bool = False,
+        jitter: Tensor | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """AF, MF (None where the modality is off), the head's landmarks B x 51 x 4 px (`landmarks`)
+        -> logits B x C (, F_ME B x d). `jitter`: the landmark offsets (`MiHFTr.jitter`); None: drawn
+        here from torch's global RNG."""
+        if jitter is None:
+            jitter = self.jitter(landmarks)
+        lm = landmarks if jitter is None else landmarks + jitter
         apex_px = lm[..., 2:4]  # B x 51 x 2 (x, y), crop pixels
         maps = {"appearance": af, "motion": mf}
         feats: dict[str, Tensor] = {}
@@ -243,17 +261,18 @@ class MiHFTr(nn.Module):
                 tokens = self.embed_norm[m](tokens)
             feats[m] = self.dropout(tokens)
         if self.local_fusion is not None:
-            tokens = torch.stack([feats[m] for m in cfg.modalities], dim=2)  # B x 51 x k x d
+            tokens = torch.stack([feats[m] for m in self.config.modalities], dim=2)  # B x 51 x k x d
             tokens = self.local_fusion(tokens)  # B x 51 x d, eqs. 4-6
         else:
-            tokens = torch.cat([feats[m] for m in cfg.modalities], dim=1)  # B x T x d
+            tokens = torch.cat([feats[m] for m in self.config.modalities], dim=1)  # B x T x d
         f_me = self.global_fusion(tokens)  # B x d, eq. 7
         logits = self.classifier(self.dropout(f_me))  # B x C
         return (logits, f_me) if return_features else logits
 
-    def forward(self, apex: Tensor | None, flow: Tensor | None, landmarks: Tensor) -> Tensor:
+    def forward(self, apex: Tensor | None, flow: Tensor | None, landmarks: Tensor,
+                jitter: Tensor | None = None) -> Tensor:
         af, mf = self.stems(apex, flow)
-        logits = self.head(af, mf, self.landmarks(flow, landmarks))
+        logits = self.head(af, mf, self.landmarks(flow, landmarks), jitter=jitter)
         if self.training or not self.config.mirror_test:
             return logits
         # eval with mirror_test: mean of the logits of the sample and of its mirror image (model/augment.py)
@@ -269,12 +288,22 @@ def prepare_batch(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """HDF5 arrays (N x 224 x 224 x 3 uint8, N x 224 x 224 x 2 float32 px, N x 51 x 4 px) -> model inputs:
     apex N x 3 x 224 x 224 float in [0, 1], flow N x 2 x 224 x 224 float32, landmarks N x 51 x 4 float32."""
-    apex = (
-        torch.from_numpy(np.ascontiguousarray(apex_uint8_nhwc)).to(device).permute(0, 3, 1, 2).float() / 255.0
+    return model_inputs(
+        torch.from_numpy(np.ascontiguousarray(apex_uint8_nhwc)).to(device),
+        torch.from_numpy(np.ascontiguousarray(flow_nhwc, dtype=np.float32)).to(device),
+        torch.from_numpy(np.ascontiguousarray(landmarks, dtype=np.float32)).to(device),
     )
-    flow = torch.from_numpy(np.ascontiguousarray(flow_nhwc, dtype=np.float32)).to(device).permute(0, 3, 1, 2)
-    lms = torch.from_numpy(np.ascontiguousarray(landmarks, dtype=np.float32)).to(device)
-    return apex.contiguous(), flow.contiguous(), lms
+
+
+def model_inputs(
+    apex_uint8_nhwc: Tensor, flow_nhwc: Tensor, landmarks: Tensor, channels_last: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`prepare_batch` on tensors already where the model runs (float32 flow and landmarks);
+    `channels_last`: apex and flow in that memory format (the NHWC layout they come in)."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    apex = apex_uint8_nhwc.permute(0, 3, 1, 2).float() / 255.0
+    flow = flow_nhwc.permute(0, 3, 1, 2)
+    return apex.contiguous(memory_format=layout), flow.contiguous(memory_format=layout), landmarks
 
 
 def components(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -99,6 +99,12 @@ def test_bad_train_params_are_one_line_errors():
         train.TrainConfig.from_params({"epoch": 3})
     with pytest.raises(train.PipelineError, match="train.batch_size"):
         train.TrainConfig.from_params({"batch_size": 0})
+    for key, value in (("fold_batch", -1), ("fold_batch", 1.5), ("amp", "fp16"), ("channels_last", "no"),
+                       ("deterministic", "yes"), ("deterministic", 1)):
+        with pytest.raises(train.PipelineError, match=f"train.{key} must be"):
+            train.TrainConfig.from_params({key: value})
+    with pytest.raises(train.PipelineError, match="fold_batch must be 1 with model.global_fusion: lstm"):
+        train.configure({"train": {"fold_batch": 0, "device": "cpu"}, "model": {"global_fusion": "lstm"}})
 
 
 def test_batches_cover_the_fold_once_without_singletons():
@@ -108,36 +114,119 @@ def test_batches_cover_the_fold_once_without_singletons():
     assert sorted(np.concatenate(batches)) == list(range(65))
 
 
-@pytest.mark.parametrize("frozen", [True, False])
-def test_results_do_not_depend_on_the_number_of_workers(frozen: bool):
-    """3 subjects, 1 epoch, cached stem maps (frozen) or raw inputs through the whole model (trainable):
-    1 worker and 2 workers give the same bytes."""
+def tiny_state(subjects: np.ndarray, frozen: bool, **train_params) -> dict:
+    """_STATE for run_folds on random data: cached stem maps (frozen; of each sample and of its
+    mirror image) or raw inputs through the whole model (trainable), tiny head (d 16, blocks 2 x 2)."""
     from model import ModelConfig
 
     g = torch.Generator().manual_seed(0)
-    n, subjects = 9, np.array(["s1", "s2", "s3"] * 3)
-    labels = np.array([0, 1, 2, 1, 2, 0, 2, 0, 1])
-    cfg = train.TrainConfig(device="cpu", epochs=1, batch_size=4, lr_step=1)
-    model_cfg = ModelConfig(dim=16, block=2, freeze_stems=frozen, mirror_test=False)
-    state = dict(train=cfg, model=model_cfg, device=torch.device("cpu"), labels=labels, num_classes=3,
-                 cached=frozen, features_device=torch.device("cpu"), stem_state={},
-                 landmarks=torch.rand(n, 51, 4, generator=g) * 224)
+    n = len(subjects)
+    cfg = train.TrainConfig(**{"device": "cpu", "epochs": 1, "batch_size": 4, "lr_step": 1, **train_params})
+    state = dict(train=cfg, model=ModelConfig(dim=16, block=2, freeze_stems=frozen),
+                 device=torch.device("cpu"), labels=np.arange(n) % 3, num_classes=3, cached=frozen,
+                 features_device=torch.device("cpu"),
+                 stem_state={}, n=n, width=224, landmarks=torch.rand(2 * n, 51, 4, generator=g) * 224)
     if frozen:
-        state.update(af=torch.randn(n, 256, 56, 56, generator=g), mf=torch.randn(n, 256, 56, 56, generator=g))
+        state.update(af=torch.randn(2 * n, 256, 56, 56, generator=g),
+                     mf=torch.randn(2 * n, 256, 56, 56, generator=g))
     else:
         rng = np.random.default_rng(0)
-        state.update(apex=rng.integers(0, 256, (n, 224, 224, 3), dtype=np.uint8),
-                     flow=rng.normal(0, 1, (n, 224, 224, 2)).astype(np.float32),
-                     landmarks_np=state["landmarks"].numpy())
-    folds = train.loso_splits(subjects, seed=3)
-    outs = []
-    for workers in (1, 2):
-        train._STATE.clear()
-        train._STATE.update(state)
-        outs.append(train.run_folds(folds, workers, cfg.epochs))
+        state.update(apex=torch.from_numpy(rng.integers(0, 256, (n, 224, 224, 3), dtype=np.uint8)),
+                     flow=torch.from_numpy(rng.normal(0, 1, (n, 224, 224, 2)).astype(np.float32)),
+                     landmarks=state["landmarks"][:n])
+    return state
+
+
+def run_tiny(state: dict, folds: list, workers: int = 1) -> list:
     train._STATE.clear()
+    train._STATE.update(state)
+    try:
+        return train.run_folds(folds, workers, state["train"].epochs)
+    finally:
+        train._STATE.clear()
+
+
+@pytest.mark.parametrize("frozen, fold_batch", [(True, 1), (False, 1), (True, 2)])
+def test_results_do_not_depend_on_the_number_of_workers(frozen: bool, fold_batch: int):
+    """3 subjects, 1 epoch, cached stem maps (frozen) or raw inputs through the whole model (trainable):
+    1 worker and 2 workers give the same bytes, folds alone or in groups of 2 (each group in one
+    single-thread process)."""
+    subjects = np.array(["s1", "s2", "s3"] * 3)
+    state = tiny_state(subjects, frozen, fold_batch=fold_batch)
+    folds = train.loso_splits(subjects, seed=3)
+    outs = [run_tiny(state, folds, workers) for workers in (1, 2)]
     for a, b in zip(*outs):
         assert a.probs.tobytes() == b.probs.tobytes() and a.losses == b.losses
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_fold_batched_training_is_each_fold_trained_alone(frozen: bool, monkeypatch):
+    """All folds trained as one stacked model give each fold's predictions, features and losses of
+    the fold trained alone: its own initialisation, batches (folds of 4 / 5 training samples: 2 or 3
+    batches of 1-2, so padding and folds that wait), mirror / flow-jitter / landmark-jitter draws,
+    class weights, Adam state, input scales and (trainable stems) batch-norm statistics. The
+    transformer's dropout is off: it is the one draw made for the whole group at once."""
+    monkeypatch.setattr("model.gcmif.DROPOUT", 0.0)
+    subjects = np.array(["s1", "s2", "s3", "s1", "s2", "s3", "s1"])
+    params = dict(epochs=2 if frozen else 1, batch_size=2, mirror=True, flow_jitter=0.1, balance_inputs=True)
+    folds = train.loso_splits(subjects, seed=3)
+    alone = run_tiny(tiny_state(subjects, frozen, fold_batch=1, **params), folds)
+    together = run_tiny(tiny_state(subjects, frozen, fold_batch=0, **params), folds)
+    for a, b in zip(alone, together):
+        assert a.index == b.index and a.lrs == b.lrs
+        np.testing.assert_allclose(a.probs, b.probs, atol=1e-4)
+        np.testing.assert_allclose(a.features, b.features, atol=1e-3)
+        np.testing.assert_allclose(a.losses, b.losses, atol=1e-5)
+
+
+def test_fold_batched_batches_hold_only_each_folds_training_samples(monkeypatch):
+    """The rows of every fold-batched step (padding included) are the fold's training samples, never
+    its test subject's; every training sample is used once per epoch with weight 1 / its batch size."""
+    subjects = np.array(["s1", "s2", "s3", "s4"] * 2 + ["s1", "s2", "s1"])
+    folds = train.loso_splits(subjects, seed=0)
+    steps = []
+    step_batches = train._step_batches
+
+    def recorded(*args):
+        out = step_batches(*args)
+        steps.append(out[:2])
+        return out
+
+    monkeypatch.setattr(train, "_step_batches", recorded)
+    run_tiny(tiny_state(subjects, True, fold_batch=0, batch_size=3, epochs=2), folds)
+    assert len(steps) == 2 * 3  # the longest fold: 9 training samples in 3 batches, per epoch
+    for k, fold in enumerate(folds):
+        rows = np.stack([r[k] for r, _ in steps])
+        weights = np.stack([w[k] for _, w in steps])
+        assert fold.subject not in set(subjects[rows.ravel()]) and set(rows.ravel()) <= set(fold.train)
+        used = rows[weights > 0]
+        assert sorted(used) == sorted(np.tile(fold.train, 2))  # each sample once per epoch
+        assert np.allclose(weights.sum(axis=1)[weights.sum(axis=1) > 0], 1.0)
+    bad = train.Fold(0, "s1", np.arange(4), np.array([3]), 0)
+    with pytest.raises(RuntimeError, match="test subject s1 is in its training samples"):
+        train._held_out(bad)
+
+
+def test_masked_adamw_is_torch_adamw_per_fold():
+    """Two folds stacked, steps where only some are active: each fold's parameters follow
+    torch.optim.AdamW stepped only when that fold is active (weight decay, bias correction with the
+    fold's own step count), and an inactive fold keeps its parameters and moments."""
+    torch.manual_seed(0)
+    alone = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(2)]
+    stacked = torch.nn.Parameter(torch.stack([p.detach().clone() for p in alone]))
+    optimisers = [torch.optim.AdamW([p], lr=0.01, weight_decay=0.1) for p in alone]
+    masked = train.MaskedAdamW([stacked], 2, lr=0.01, weight_decay=0.1)
+    for active in ([True, True], [True, False], [False, True], [True, True], [False, True]):
+        grads = torch.randn(2, 5, 3)
+        for k in range(2):
+            if active[k]:
+                alone[k].grad = grads[k].clone()
+                optimisers[k].step()
+        stacked.grad = grads * torch.tensor(active, dtype=torch.float32)[:, None, None]
+        masked.step(np.array(active))
+        for k in range(2):
+            torch.testing.assert_close(stacked[k].detach(), alone[k].detach(), rtol=0, atol=1e-6)
+    assert masked.steps.tolist() == [3, 4]
 
 
 @pytest.mark.parametrize("mirror", [False, True])
