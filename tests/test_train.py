@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import run
 from sklearn.metrics import accuracy_score, f1_score, recall_score
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
@@ -342,7 +343,9 @@ def test_train_stage_end_to_end(train_project: Path):
                                                      zero_division=0), abs=1e-6)
     with open(project / "metrics/train_loss.csv") as f:
         curve = list(csv.DictReader(f))
-    assert [int(r["epoch"]) for r in curve] == [1, 2] and float(curve[1]["lr"]) == pytest.approx(1e-4)
+    train_params = yaml.safe_load((project / "params.yaml").read_text())["train"]
+    assert [int(r["epoch"]) for r in curve] == [1, 2]  # lr_step 1: the second epoch runs at lr x lr_gamma
+    assert float(curve[1]["lr"]) == pytest.approx(train_params["lr"] * train_params["lr_gamma"])
     timing = json.loads((project / "metrics/timing.json").read_text())
     assert timing["train_s"] > 0 and "wall" not in (project / "metrics/loso.json").read_text()
     assert (project / "metrics/confusion.png").read_bytes()[:4] == b"\x89PNG"
@@ -368,7 +371,7 @@ def test_train_stage_end_to_end(train_project: Path):
     assert sorted(ran_stages(exp.stdout)) == ["fit", "train", "tsne"], exp.stdout
     params_diff = json.loads(run(["dvc", "params", "diff", "--json"], project).stdout)
     lr = params_diff["params.yaml"]["train.lr"]
-    assert (lr["old"], lr["new"]) == (0.001, 0.01)
+    assert (lr["old"], lr["new"]) == (train_params["lr"], 0.01)
     metrics_diff = json.loads(run(["dvc", "metrics", "diff", "--all", "--json"], project).stdout)
     assert "uf1" in metrics_diff["metrics/loso.json"]
 
