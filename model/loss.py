@@ -59,25 +59,22 @@ def focal_terms(logits: Tensor, target: Tensor, gamma: float, weights: Tensor | 
     return loss
 
 
-def loss_terms(name: str, gamma: float, class_counts: Sequence[int] | np.ndarray) -> tuple[float, Tensor]:
-    """(gamma, class weights C) with which `focal_terms` gives loss `name`'s per-sample terms (fold-batched
-    training weights them itself: a mean over each fold's own batch)."""
+def loss_terms(name: str, gamma: float,
+               class_counts: Sequence[int] | np.ndarray | None = None) -> tuple[float, Tensor | None]:
+    """(gamma, class weights or None) with which `focal_terms` gives loss `name`'s per-sample terms;
+    `cw-focal` needs the training fold's class_counts."""
     if name not in LOSSES:
         raise ValueError(f"loss must be one of {list(LOSSES)}, got {name!r}")
-    weights = class_weights(class_counts) if name == "cw-focal" else torch.ones(len(class_counts))
-    return (0.0 if name == "ce" else float(gamma)), weights
+    if name == "cw-focal":
+        if class_counts is None or len(class_counts) == 0:
+            raise ValueError("loss cw-focal needs the training fold's class_counts")
+        return float(gamma), class_weights(class_counts)
+    return (0.0 if name == "ce" else float(gamma)), None
 
 
 def build_loss(
     name: str, gamma: float = 2.0, class_counts: Sequence[int] | np.ndarray | None = None
 ) -> nn.Module:
     """`cw-focal` (needs the training fold's class_counts) | `focal` | `ce`; call as loss(logits, target)."""
-    if name == "cw-focal":
-        if class_counts is None or len(class_counts) == 0:
-            raise ValueError("loss cw-focal needs the training fold's class_counts")
-        return FocalLoss(gamma, class_weights(class_counts))
-    if name == "focal":
-        return FocalLoss(gamma)
-    if name == "ce":
-        return nn.CrossEntropyLoss()
-    raise ValueError(f"loss must be one of {list(LOSSES)}, got {name!r}")
+    gamma, weights = loss_terms(name, gamma, class_counts)
+    return nn.CrossEntropyLoss() if name == "ce" else FocalLoss(gamma, weights)

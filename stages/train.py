@@ -534,7 +534,8 @@ def fit_group(folds: list[Fold], tick: bool = True) -> list[tuple[MiHFTr, list[f
     optimiser = MaskedAdamW(trainable, len(folds), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.StepLR(optimiser, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
     terms = [loss_terms(model_cfg.loss, model_cfg.gamma, _class_counts(fold.train)) for fold in folds]
-    gamma, class_w = terms[0][0], torch.stack([w for _, w in terms]).to(device)
+    ones = torch.ones(s["num_classes"])  # fold-batched terms are weighted here, focal / ce included
+    gamma, class_w = terms[0][0], torch.stack([ones if w is None else w for _, w in terms]).to(device)
     labels = torch.from_numpy(s["labels"]).to(device)
 
     def fold_loss(state: dict, a: Any, b: Any, lm: torch.Tensor, jitter: Any, y: torch.Tensor,
@@ -605,8 +606,6 @@ def map_rms(net: MiHFTr, idx: np.ndarray) -> dict[str, float]:
                     total[modality] = total.get(modality, 0.0) + float(fmap.double().pow(2).mean(
                         dim=(1, 2, 3)).sum())
     return {m: (v / len(idx)) ** 0.5 for m, v in total.items() if m in net.align}
-
-
 
 
 def predict(net: MiHFTr, idx: np.ndarray,
@@ -863,13 +862,14 @@ def load_processed(h5_path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]
     return arrays, attrs, classes
 
 
-def evaluate(params: dict, h5_path: Path, out: Any) -> dict[str, Any]:
-    """Run LOSO on the processed file with these params; write every output to its path in `out`
-    (attributes named as OUTPUTS: loso, timing, predictions, per_fold, features, loss, confusion);
-    return the metrics."""
+def evaluate(params: dict, out: Any) -> dict[str, Any]:
+    """Run LOSO on the processed file `out.processed` with these params; write every output to its
+    path in `out` (attributes named as OUTPUTS: loso, timing, predictions, per_fold, features, loss,
+    confusion); return the metrics."""
     t_start = time.perf_counter()
     cfg, model_cfg, device = configure(params)
-    arrays, attrs, classes = load_processed(h5_path)
+    arrays, attrs, classes = load_processed(out.processed)
+    name = attrs.get("dataset", Path(out.processed).stem)
     labels, subjects = arrays["label"].astype(np.int64), np.asarray(arrays["subject"])
     folds = loso_splits(subjects, cfg.seed)
 
@@ -902,10 +902,9 @@ def evaluate(params: dict, h5_path: Path, out: Any) -> dict[str, Any]:
     write_predictions(out.predictions, subjects, np.asarray(arrays["sample"]), labels, probs, classes)
     write_per_fold(out.per_fold, labels, y_pred, folds)
     write_features(out.features, features, subjects, np.asarray(arrays["sample"]), labels, y_pred,
-                   {"classes": classes, "dataset": str(attrs.get("dataset", h5_path.stem)),
+                   {"classes": classes, "dataset": str(name),
                     "model": asdict(model_cfg)})
     write_loss_curve(out.loss, results)
-    name = attrs.get("dataset", h5_path.stem)
     panels = [(confusion_matrix(labels, y_pred, len(classes)),
                f"{name} LOSO, pooled: UF1 {scores['uf1']:.4f}, UAR {scores['uar']:.4f}")]
     datasets = subject_datasets(subjects)
@@ -932,7 +931,7 @@ def evaluate(params: dict, h5_path: Path, out: Any) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> None:
     out = stage_paths("train", ["processed", *OUTPUTS], argv)
     params = load_params()
-    metrics = evaluate(params, out.processed, out)
+    metrics = evaluate(params, out)
     print(f"train: LOSO over {metrics['n_folds']} subjects, {metrics['n_samples']} samples: pooled UF1 "
           f"{metrics['uf1']:.4f}, UAR {metrics['uar']:.4f}, accuracy {metrics['accuracy']:.4f} "
           f"(per-fold mean, not comparable: UF1 {metrics['per_fold_mean']['uf1']:.4f}, "

@@ -280,12 +280,13 @@ def test_composite_gets_per_dataset_scores_and_panels(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     params = {"workers": 1, "model": {"dim": 16, "block": 2},
               "train": {"device": "cpu", "epochs": 1, "batch_size": 4, "lr_step": 1}}
-    files = {"processed": "mix.h5", "loso": "loso.json", "timing": "timing.json",
-             "predictions": "predictions.csv", "per_fold": "per_fold.csv", "features": "features.h5",
-             "loss": "train_loss.csv", "confusion": "confusion.png"}
-    out = train.stage_paths("train", list(files), [f"--{name.replace('_', '-')}={tmp_path / 'metrics' / file}"
+    files = {"processed": "mix.h5", "loso": "metrics/loso.json", "timing": "metrics/timing.json",
+             "predictions": "metrics/predictions.csv", "per_fold": "metrics/per_fold.csv",
+             "features": "metrics/features.h5", "loss": "metrics/train_loss.csv",
+             "confusion": "metrics/confusion.png"}
+    out = train.stage_paths("train", list(files), [f"--{name.replace('_', '-')}={tmp_path / file}"
                                                    for name, file in files.items()])
-    loso = train.evaluate(params, tmp_path / "mix.h5", out)
+    loso = train.evaluate(params, out)
     y = np.array([0, 1, 2, 0, 1, 2, 0, 1])
     pred = np.array([r["pred"] for r in csv.DictReader(open(out.predictions))])
     classes = ["negative", "positive", "surprise"]
