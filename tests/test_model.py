@@ -27,6 +27,7 @@ from model import (
 )
 from model.gcn import EDGES, GCN, NUM_LANDMARKS, node_features
 from model.lamif import SCSA, LocalAlignment, landmark_to_feature, sample_blocks
+from model.loss import LOSSES, focal_terms, loss_terms
 from model.stems import FLOW_SCALE_PX, Stem, stem_geometry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -352,6 +353,11 @@ def test_cw_focal_by_hand():
     assert build_loss("ce", gamma, None)(lt, tt).item() == pytest.approx(ce.item(), rel=1e-6)
     with pytest.raises(ValueError, match="class_counts"):
         build_loss("cw-focal", gamma, None)
+    # fold-batched training's per-sample terms (loss_terms + focal_terms) average to each loss
+    for name in LOSSES:
+        g, weights = loss_terms(name, gamma, counts)
+        expected = build_loss(name, gamma, counts)(lt, tt).item()
+        assert focal_terms(lt, tt, g, weights).mean().item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_cw_focal_upweights_rare_class():
