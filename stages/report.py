@@ -1,4 +1,4 @@
-"""Reports of the paper beyond the LOSO scores, `python -m stages.report {tsne,wilcoxon} ...`.
+"""Reports of the paper beyond the LOSO scores, `python -m stages.report {tsne,wilcoxon,seeds} ...`.
 
 tsne (paper §4.3, Figure 4): t-SNE of the out-of-fold fused features F_ME written by the train stage
 (`data/features.h5`: every sample embedded by the model of the fold that held its subject out),
@@ -22,6 +22,12 @@ two-sided) of two variants' per-fold scores (`metrics/per_fold.csv` of two runs)
 test subject, for UF1 and UAR. The two files must hold the same subjects with the same numbers of
 samples (the same dataset and splits), otherwise nothing is tested. Zero differences (a subject
 scored the same by both) are dropped by the default `--zero-method wilcox`, as in scipy.
+
+seeds (run-to-run spread): the `metrics/predictions.csv` of runs that differ only in `train.seed`
+(same dataset and splits): each run's pooled UF1 / UAR, their mean and standard deviation (ddof 1),
+and the pooled scores of the runs' mean class probabilities (an ensemble of the runs' fold models).
+On ~100 samples one run's UF1 moves by several hundredths with the seed (docs/model.md): compare
+recipes by the mean over seeds, not by one run.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from mer.common import PipelineError, atomic_path, class_names, new_figure, read_h5, run_main, save_figure
-from mer.metrics import round_floats
+from mer.metrics import pooled_scores, round_floats
 
 PER_FOLD_COLUMNS = ("subject", "n", "uf1", "uar", "accuracy")
 EXACT_TSNE_MAX = 2000
@@ -220,6 +226,63 @@ def format_wilcoxon(result: dict[str, Any], name_a: str, name_b: str) -> str:
     return "\n".join(lines)
 
 
+# ---- spread over training seeds -------------------------------------------------------------------
+
+def read_predictions(path: Path) -> tuple[list[tuple[str, str]], list[str], list[str], np.ndarray, list[str]]:
+    """(subject, sample) per row, true and predicted class names, class probabilities (rows x C) and
+    the class names of a metrics/predictions.csv, rows sorted by (subject, sample)."""
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"{path} is missing (predictions: metrics/predictions.csv of a train run)")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        classes = [c[2:] for c in columns if c.startswith("p_")]
+        if not classes or any(c not in columns for c in ("subject", "sample", "true", "pred")):
+            raise PipelineError(f"{path} is not a predictions.csv of the train stage (columns {columns})")
+        rows = sorted(reader, key=lambda r: (r["subject"], r["sample"]))
+    if not rows:
+        raise PipelineError(f"{path} holds no predictions")
+    probs = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows])
+    return ([(r["subject"], r["sample"]) for r in rows], [r["true"] for r in rows], [r["pred"] for r in rows],
+            probs, classes)
+
+
+def seed_spread(paths: Sequence[Path]) -> dict[str, Any]:
+    """Each run's pooled UF1 / UAR, their mean and sd, and the pooled scores of the mean probabilities."""
+    if len(paths) < 2:
+        raise PipelineError("seeds needs the predictions.csv of at least 2 runs")
+    keys, true, _, _, classes = read_predictions(paths[0])
+    y = [classes.index(t) for t in true]
+    runs, probs = [], []
+    for path in paths:
+        k, t, pred, p, c = read_predictions(path)
+        if (k, t, c) != (keys, true, classes):
+            raise PipelineError(f"{path} holds other samples, labels or classes than {paths[0]}: "
+                                "not a run of the same dataset")
+        runs.append({"path": str(path), **pooled_scores(y, [classes.index(x) for x in pred], classes)})
+        probs.append(p)
+    out: dict[str, Any] = {"n_runs": len(paths), "n_samples": len(keys), "runs": runs}
+    for metric in ("uf1", "uar"):
+        values = np.array([r[metric] for r in runs])
+        out[metric] = {"mean": float(values.mean()), "sd": float(values.std(ddof=1)),
+                       "min": float(values.min()), "max": float(values.max())}
+    out["ensemble"] = pooled_scores(y, np.mean(probs, axis=0).argmax(axis=1), classes)
+    return out
+
+
+def format_seed_spread(result: dict[str, Any]) -> str:
+    lines = [f"{result['n_runs']} runs, {result['n_samples']} samples, pooled LOSO"]
+    lines += [f"  UF1 {r['uf1']:.4f}  UAR {r['uar']:.4f}  {r['path']}" for r in result["runs"]]
+    for metric in ("uf1", "uar"):
+        m = result[metric]
+        lines.append(f"{metric.upper()}: mean {m['mean']:.4f}, sd {m['sd']:.4f} (min {m['min']:.4f}, "
+                     f"max {m['max']:.4f})")
+    e = result["ensemble"]
+    lines.append(f"mean probabilities of the runs (ensemble): UF1 {e['uf1']:.4f}, UAR {e['uar']:.4f}")
+    return "\n".join(lines)
+
+
 # ---- command line ---------------------------------------------------------------------------------
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -238,6 +301,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="repeatable; default uf1 and uar")
     w.add_argument("--zero-method", default="wilcox", choices=["wilcox", "pratt", "zsplit"])
     w.add_argument("--json", type=Path, help="also write the results here")
+    r = sub.add_parser("seeds", help="spread of runs that differ in train.seed, and their ensemble")
+    r.add_argument("predictions", type=Path, nargs="+", help="metrics/predictions.csv of each run")
+    r.add_argument("--json", type=Path, help="also write the results here")
     return parser.parse_args(argv)
 
 
@@ -251,9 +317,13 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"L2-normalised F_ME ARa {report['feature_ara']:.4f}, AEr {report['feature_aer']:.4f} "
               f"-> {args.out}, {args.out.with_suffix('.json')}")
         return
-    result = paired_wilcoxon(read_per_fold(args.a), read_per_fold(args.b), args.metric or ("uf1", "uar"),
-                             args.zero_method)
-    print(format_wilcoxon(result, str(args.a), str(args.b)))
+    if args.command == "seeds":
+        result = seed_spread(args.predictions)
+        print(format_seed_spread(result))
+    else:
+        result = paired_wilcoxon(read_per_fold(args.a), read_per_fold(args.b), args.metric or ("uf1", "uar"),
+                                 args.zero_method)
+        print(format_wilcoxon(result, str(args.a), str(args.b)))
     if args.json:
         with atomic_path(args.json) as tmp:
             tmp.write_text(json.dumps(round_floats(result), sort_keys=True, indent=2) + "\n")

@@ -142,6 +142,52 @@ def test_per_fold_csv_matches_the_predictions(report_project: Path):
     assert same["n"] == len(subjects) and same["uf1"]["mean_diff"] == 0.0
 
 
+def test_seed_spread_scores_each_run_and_the_mean_probabilities(report_project: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture):
+    """`report seeds` on the train stage's predictions.csv and a second run made from it (rows in
+    another order, probabilities changed): each run scored by its own `pred`, the ensemble by the
+    argmax of the mean probabilities; a file of other samples is refused."""
+    first = report_project / "metrics/predictions.csv"
+    with open(first) as f:
+        rows = list(csv.DictReader(f))
+    classes = [c[2:] for c in rows[0] if c.startswith("p_")]
+    rng = np.random.default_rng(0)
+    second = []
+    for row in reversed(rows):
+        p = rng.dirichlet(np.ones(len(classes)))
+        probs = {f"p_{c}": f"{v:.6f}" for c, v in zip(classes, p)}
+        second.append({**row, "pred": classes[int(p.argmax())], **probs})
+    path = tmp_path / "second.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(second)
+
+    got = report.seed_spread([first, path])
+    order = sorted(range(len(rows)), key=lambda i: (rows[i]["subject"], rows[i]["sample"]))
+    y = [classes.index(rows[i]["true"]) for i in order]
+    keys = [(rows[i]["subject"], rows[i]["sample"]) for i in order]
+    by_key = [{(r["subject"], r["sample"]): r for r in table} for table in (rows, second)]
+    scores = [metrics.pooled_scores(y, [classes.index(table[k]["pred"]) for k in keys], classes)["uf1"]
+              for table in by_key]
+    assert [r["uf1"] for r in got["runs"]] == pytest.approx(scores)
+    assert got["uf1"]["mean"] == pytest.approx(np.mean(scores))
+    assert got["uf1"]["sd"] == pytest.approx(np.std(scores, ddof=1))
+    mean_p = [[(float(by_key[0][k][f"p_{c}"]) + float(by_key[1][k][f"p_{c}"])) / 2 for c in classes]
+              for k in keys]
+    expected = metrics.pooled_scores(y, np.argmax(mean_p, axis=1), classes)
+    assert got["ensemble"]["uf1"] == pytest.approx(expected["uf1"])
+    assert got["ensemble"]["uar"] == pytest.approx(expected["uar"])
+
+    report.main(["seeds", str(first), str(path), "--json", str(tmp_path / "s.json")])
+    assert f"UF1 {expected['uf1']:.4f}" in capsys.readouterr().out
+    assert json.loads((tmp_path / "s.json").read_text())["n_runs"] == 2
+    short = tmp_path / "short.csv"
+    short.write_text("".join(open(first).readlines()[:-1]))
+    with pytest.raises(PipelineError, match="other samples"):
+        report.seed_spread([first, short])
+
+
 def test_features_are_aligned_with_the_predictions(report_project: Path):
     project = report_project
     arrays, attrs = read_h5(project / "data/features.h5")
