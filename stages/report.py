@@ -252,11 +252,11 @@ def seed_spread(paths: Sequence[Path]) -> dict[str, Any]:
     """Each run's pooled UF1 / UAR, their mean and sd, and the pooled scores of the mean probabilities."""
     if len(paths) < 2:
         raise PipelineError("seeds needs the predictions.csv of at least 2 runs")
-    keys, true, _, _, classes = read_predictions(paths[0])
+    tables = [read_predictions(path) for path in paths]
+    keys, true, _, _, classes = tables[0]
     y = [classes.index(t) for t in true]
     runs, probs = [], []
-    for path in paths:
-        k, t, pred, p, c = read_predictions(path)
+    for path, (k, t, pred, p, c) in zip(paths, tables):
         if (k, t, c) != (keys, true, classes):
             raise PipelineError(f"{path} holds other samples, labels or classes than {paths[0]}: "
                                 "not a run of the same dataset")
