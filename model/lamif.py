@@ -26,7 +26,28 @@ from model.stems import IMAGE_SIZE
 MODALITIES = ("appearance", "motion", "geometry")
 LOCAL_FUSIONS = ("sc-sa", "sa-mean", "sa-max", "concat-fc")
 SCSA_INITS = ("soft", "self", "random")
+BLOCK_INITS = ("mean", "random")
 WEAK_INDEX = {"appearance": 0, "geometry": 1}  # position of w_a, w_g in SCSA.w
+
+
+def block_embedding(channels: int, dim: int, block: int, init: str) -> nn.Linear:
+    """The linear map of a flattened B x B x C block ((C, row, col) order) to d.
+
+    init "random": torch's Linear init over all B*B*C inputs. "mean": the map starts as one C -> d
+    Linear (torch's init, fan-in C) applied to the block's mean over its B*B cells, i.e. each channel's
+    weight repeated over the cells / B^2. It starts from what the block holds on average and learns a
+    spatial pattern only where the data asks for one: with random stems most of the 4096 values are
+    within-block detail, and a probe on them scores below one on their means (docs/model.md)."""
+    if init not in BLOCK_INITS:
+        raise ValueError(f"block_init must be one of {list(BLOCK_INITS)}, got {init!r}")
+    proj = nn.Linear(block * block * channels, dim)
+    if init == "mean":
+        per_channel = nn.Linear(channels, dim)
+        with torch.no_grad():
+            cells = per_channel.weight[:, :, None].expand(dim, channels, block * block) / block**2
+            proj.weight.copy_(cells.reshape(dim, -1))  # d x (C, row, col)
+            proj.bias.copy_(per_channel.bias)
+    return proj
 
 
 def landmark_to_feature(points_px: Tensor, h0: int, image_size: int = IMAGE_SIZE) -> Tensor:
@@ -56,11 +77,11 @@ class LocalAlignment(nn.Module):
     their embeddings on one scale (with random stems the flow's maps are ~4x smaller, and under Adam
     a small input means a slowly learned embedding)."""
 
-    def __init__(self, channels: int, dim: int, block: int, dropout: float = 0.0):
+    def __init__(self, channels: int, dim: int, block: int, dropout: float = 0.0, init: str = "mean"):
         super().__init__()
         self.block = block
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.proj = nn.Linear(block * block * channels, dim)
+        self.proj = block_embedding(channels, dim, block, init)
         self.register_buffer("input_scale", torch.ones(()))
 
     def forward(self, fmap: Tensor, apex_px: Tensor) -> Tensor:
@@ -73,11 +94,11 @@ class GridTokens(nn.Module):
     """LAMiF-off substitute: fixed-grid B x B patches -> B x (h0/B)^2 x d (dropout, input_scale as in
     LocalAlignment)."""
 
-    def __init__(self, channels: int, dim: int, block: int, dropout: float = 0.0):
+    def __init__(self, channels: int, dim: int, block: int, dropout: float = 0.0, init: str = "mean"):
         super().__init__()
         self.block = block
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.proj = nn.Linear(block * block * channels, dim)
+        self.proj = block_embedding(channels, dim, block, init)
         self.register_buffer("input_scale", torch.ones(()))
 
     def forward(self, fmap: Tensor, apex_px: Tensor | None = None) -> Tensor:

@@ -34,7 +34,15 @@ from torch import Tensor, nn
 from model.augment import mirror_flow, mirror_images, mirror_landmarks
 from model.gcmif import GLOBAL_FUSIONS, TRANSFORMER_HEADS, GCMiF
 from model.gcn import APEX_LANDMARKS, GCN, NUM_LANDMARKS, track_apex
-from model.lamif import LOCAL_FUSIONS, MODALITIES, SCSA_INITS, GridTokens, LocalAlignment, build_local_fusion
+from model.lamif import (
+    BLOCK_INITS,
+    LOCAL_FUSIONS,
+    MODALITIES,
+    SCSA_INITS,
+    GridTokens,
+    LocalAlignment,
+    build_local_fusion,
+)
 from model.loss import LOSSES
 from model.stems import IMAGE_SIZE, VALID_LAYERS, Stem, stem_geometry
 
@@ -49,6 +57,7 @@ class ModelConfig:
 
     stem_layers: int = 11
     pretrained: str = "none"
+    stem_blur: float = 1.5
     freeze_stems: bool = True
     block: int = 4
     dim: int = 256
@@ -65,6 +74,7 @@ class ModelConfig:
     landmark_jitter_test: float = 0.0
     embed_norm: bool = True
     scsa_init: str = "soft"
+    block_init: str = "mean"
     dropout: float = 0.0
     block_dropout: float = 0.0
     mirror_test: bool = True
@@ -111,6 +121,7 @@ class ModelConfig:
             self.pretrained = "none"
         if not isinstance(self.pretrained, str):
             raise ValueError(f"model.pretrained must be none, imagenet or a path, got {self.pretrained!r}")
+        num("stem_blur", float, 0.0)
         num("block", int, 1)
         num("dim", int, 1)
         num("gcn_layers", int, 1)
@@ -121,6 +132,7 @@ class ModelConfig:
         num("dropout", float, 0.0, 0.9)
         num("block_dropout", float, 0.0, 0.9)
         choice("scsa_init", SCSA_INITS)
+        choice("block_init", BLOCK_INITS)
         choice("apex_landmarks", APEX_LANDMARKS)
         for name in ("freeze_stems", "lamif", "gcmif", "embed_norm", "mirror_test"):
             flag(name)
@@ -172,14 +184,16 @@ class MiHFTr(nn.Module):
         mods = config.modalities
         channels, self.h0 = stem_geometry(config.stem_layers)
         image_mods = [m for m in mods if m != "geometry"]
-        stem = lambda kind: Stem(config.stem_layers, config.pretrained, kind) if kind in mods else None  # noqa: E731
+        stem = lambda kind: (  # noqa: E731
+            Stem(config.stem_layers, config.pretrained, kind, config.stem_blur) if kind in mods else None
+        )
         self.stem_appearance = stem("appearance")
         self.stem_motion = stem("motion")
         self.gcn = GCN(config.dim, config.gcn_layers) if "geometry" in mods else None
         if config.lamif:
             self.align = nn.ModuleDict(
-                {m: LocalAlignment(channels, config.dim, config.block, config.block_dropout)
-                 for m in image_mods}
+                {m: LocalAlignment(channels, config.dim, config.block, config.block_dropout,
+                                   config.block_init) for m in image_mods}
             )
             self.local_fusion = build_local_fusion(
                 config.local_fusion, config.dim, config.alpha, mods, config.scsa_init
@@ -187,7 +201,8 @@ class MiHFTr(nn.Module):
             num_tokens = NUM_LANDMARKS
         else:  # no alignment, no local fusion: grid tokens of AF, MF and the GCN nodes, all to GCMiF
             self.align = nn.ModuleDict(
-                {m: GridTokens(channels, config.dim, config.block, config.block_dropout) for m in image_mods}
+                {m: GridTokens(channels, config.dim, config.block, config.block_dropout, config.block_init)
+                 for m in image_mods}
             )
             self.local_fusion = None
             grid = (self.h0 // config.block) ** 2

@@ -28,6 +28,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
@@ -112,6 +113,18 @@ def load_resnet50(pretrained: str | Path | None) -> torchvision.models.ResNet:
     return net
 
 
+def blur_filters_(conv: nn.Conv2d, sigma: float) -> None:
+    """Smooth a conv's random k x k filters in place: each one convolved with a Gaussian of `sigma`
+    (cells), then all rescaled to their former std (the layer's output scale is kept)."""
+    w = conv.weight.data  # out x in x k x k
+    k = w.shape[-1]
+    r = torch.arange(k, dtype=w.dtype) - (k - 1) / 2
+    g = torch.exp(-(r**2) / (2 * sigma**2))
+    g = (g[:, None] * g[None, :] / g.sum() ** 2)[None, None]  # 1 x 1 x k x k, sums to 1
+    smooth = F.conv2d(w.reshape(-1, 1, k, k), g, padding=k // 2).reshape_as(w)
+    w.copy_(smooth * (w.std() / smooth.std()))
+
+
 def remove_drift(flow: Tensor) -> Tensor:
     """B x 2 x H x W flow minus each sample's median (u, v): the head drift (module docstring)."""
     return flow - flow.flatten(2).median(dim=2).values[..., None, None]
@@ -120,13 +133,16 @@ def remove_drift(flow: Tensor) -> Tensor:
 class Stem(nn.Module):
     """First `layers` layers of ResNet50 (eq. 1): B x 3 x 224 x 224 -> B x C x h0 x h0."""
 
-    def __init__(self, layers: int = 11, pretrained: str | Path | None = None, kind: str = "appearance"):
+    def __init__(self, layers: int = 11, pretrained: str | Path | None = None, kind: str = "appearance",
+                 blur: float = 0.0):
         super().__init__()
         if kind not in ("appearance", "motion"):
             raise ValueError(f"stem kind must be appearance or motion, got {kind!r}")
         self.kind = kind
         self.channels, self.h0 = stem_geometry(layers)
         net = load_resnet50(pretrained)
+        if blur > 0 and str(pretrained or "none") in ("", "none"):
+            blur_filters_(net.conv1, blur)  # random stems: smooth 7x7 filters, as trained first layers are
         mods: list[nn.Module] = [net.conv1, net.bn1, net.relu]
         if layers >= 2:
             mods.append(net.maxpool)

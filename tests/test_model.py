@@ -26,7 +26,7 @@ from model import (
     prepare_batch,
 )
 from model.gcn import EDGES, GCN, NUM_LANDMARKS, node_features
-from model.lamif import SCSA, LocalAlignment, landmark_to_feature, sample_blocks
+from model.lamif import SCSA, LocalAlignment, block_embedding, landmark_to_feature, sample_blocks
 from model.loss import LOSSES, focal_terms, loss_terms
 from model.stems import FLOW_SCALE_PX, Stem, stem_geometry
 
@@ -191,6 +191,51 @@ def test_stem_inputs_normalised():
     assert torch.allclose(x[0, :, 100, 7], torch.zeros(3), atol=1e-5)
     apex = torch.ones(1, 3, 2, 2) * torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     assert Stem(11).prepare(apex).abs().max() < 1e-6
+
+
+
+def roughness(w: torch.Tensor) -> float:
+    """Mean squared difference of neighbouring taps of k x k filters, over their mean square."""
+    dx, dy = w[..., 1:] - w[..., :-1], w[..., 1:, :] - w[..., :-1, :]
+    return float((dx.pow(2).mean() + dy.pow(2).mean()) / w.pow(2).mean())
+
+
+def test_stem_blur_smooths_random_conv1_only(tmp_path):
+    torch.manual_seed(3)
+    white = Stem(11, kind="motion").body[0].weight.detach()
+    torch.manual_seed(3)
+    blurred = Stem(11, kind="motion", blur=1.5).body[0].weight.detach()
+    assert torch.allclose(blurred.std(), white.std())  # the output scale is kept
+    assert roughness(white) > 1.5 and roughness(blurred) < 0.5 * roughness(white)
+    # Seen from the flow: the 64 filters respond to a smooth field far more than to pixel noise.
+    torch.manual_seed(0)
+    smooth_field = torch.nn.functional.interpolate(torch.randn(1, 3, 4, 4), size=(32, 32), mode="bicubic")
+    noise = torch.randn(1, 3, 32, 32) * smooth_field.std()
+    gain = lambda w: float(torch.nn.functional.conv2d(smooth_field, w).std()  # noqa: E731
+                           / torch.nn.functional.conv2d(noise, w).std())
+    assert gain(blurred) > 2 * gain(white)
+    # Pretrained weights are used as they are.
+    path = tmp_path / "resnet50.pth"
+    state = torchvision.models.resnet50().state_dict()
+    torch.save(state, path)
+    assert torch.equal(Stem(11, path, "motion", blur=1.5).body[0].weight, state["conv1.weight"])
+
+
+def test_block_embedding_mean_init_reads_the_block_mean():
+    g = torch.Generator().manual_seed(0)
+    channels, dim, block = 8, 16, 4
+    proj = block_embedding(channels, dim, block, "mean")
+    blocks = torch.randn(5, channels, block, block, generator=g)
+    # The same map applied to the mean of the B x B cells: a weight per (d, C), bias as Linear's.
+    per_channel = proj.weight.view(dim, channels, block * block)[..., 0] * block**2
+    expected = blocks.mean(dim=(-1, -2)) @ per_channel.T + proj.bias
+    assert torch.allclose(proj(blocks.flatten(1)), expected, atol=1e-5)
+    pattern = blocks - blocks.mean(dim=(-1, -2), keepdim=True)  # spatial detail only: not seen at init
+    assert torch.allclose(proj(pattern.flatten(1)), proj.bias.expand(5, dim), atol=1e-5)
+    random = block_embedding(channels, dim, block, "random")
+    assert not torch.allclose(random(pattern.flatten(1)), random.bias.expand(5, dim), atol=1e-3)
+    with pytest.raises(ValueError, match="block_init"):
+        block_embedding(channels, dim, block, "zeros")
 
 
 # ---------------------------------------------------------------- LAMiF
