@@ -88,11 +88,26 @@ def _imagenet_state() -> dict[str, Tensor]:
         socket.setdefaulttimeout(timeout)
 
 
-def load_resnet50(pretrained: str | Path | None) -> torchvision.models.ResNet:
-    """A torchvision resnet50: randomly initialised ("none"), with IMAGENET_WEIGHTS ("imagenet"), or
-    with the state_dict file `pretrained` loaded."""
+def blur_filters_(conv: nn.Conv2d, sigma: float) -> None:
+    """Smooth a conv's random k x k filters in place: each one convolved with a Gaussian of `sigma`
+    (cells), then all rescaled to their former std (the layer's output scale is kept)."""
+    w = conv.weight.data  # out x in x k x k
+    k = w.shape[-1]
+    r = torch.arange(k, dtype=w.dtype) - (k - 1) / 2
+    g = torch.exp(-(r**2) / (2 * sigma**2))
+    g = (g[:, None] * g[None, :] / g.sum() ** 2)[None, None]  # 1 x 1 x k x k, sums to 1
+    smooth = F.conv2d(w.reshape(-1, 1, k, k), g, padding=k // 2).reshape_as(w)
+    w.copy_(smooth * (w.std() / smooth.std()))
+
+
+def load_resnet50(pretrained: str | Path | None, blur: float = 0.0) -> torchvision.models.ResNet:
+    """A torchvision resnet50: randomly initialised ("none"; conv1's filters smoothed by `blur_filters_`
+    when `blur` > 0, as trained first layers are), with IMAGENET_WEIGHTS ("imagenet"), or with the
+    state_dict file `pretrained` loaded."""
     net = torchvision.models.resnet50()
     if pretrained is None or str(pretrained) in ("", "none"):
+        if blur > 0:
+            blur_filters_(net.conv1, blur)
         return net
     if str(pretrained) == "imagenet":
         source, state = str(imagenet_checkpoint()), _imagenet_state()
@@ -113,18 +128,6 @@ def load_resnet50(pretrained: str | Path | None) -> torchvision.models.ResNet:
     return net
 
 
-def blur_filters_(conv: nn.Conv2d, sigma: float) -> None:
-    """Smooth a conv's random k x k filters in place: each one convolved with a Gaussian of `sigma`
-    (cells), then all rescaled to their former std (the layer's output scale is kept)."""
-    w = conv.weight.data  # out x in x k x k
-    k = w.shape[-1]
-    r = torch.arange(k, dtype=w.dtype) - (k - 1) / 2
-    g = torch.exp(-(r**2) / (2 * sigma**2))
-    g = (g[:, None] * g[None, :] / g.sum() ** 2)[None, None]  # 1 x 1 x k x k, sums to 1
-    smooth = F.conv2d(w.reshape(-1, 1, k, k), g, padding=k // 2).reshape_as(w)
-    w.copy_(smooth * (w.std() / smooth.std()))
-
-
 def remove_drift(flow: Tensor) -> Tensor:
     """B x 2 x H x W flow minus each sample's median (u, v): the head drift (module docstring)."""
     return flow - flow.flatten(2).median(dim=2).values[..., None, None]
@@ -140,9 +143,7 @@ class Stem(nn.Module):
             raise ValueError(f"stem kind must be appearance or motion, got {kind!r}")
         self.kind = kind
         self.channels, self.h0 = stem_geometry(layers)
-        net = load_resnet50(pretrained)
-        if blur > 0 and str(pretrained or "none") in ("", "none"):
-            blur_filters_(net.conv1, blur)  # random stems: smooth 7x7 filters, as trained first layers are
+        net = load_resnet50(pretrained, blur)
         mods: list[nn.Module] = [net.conv1, net.bn1, net.relu]
         if layers >= 2:
             mods.append(net.maxpool)
