@@ -13,6 +13,17 @@ Node n here is dlib point n + 17 (the jaw, dlib 0-16, is dropped). Graph edges, 
 Each edge has a learnable positive weight (exp of a parameter, 1 at init, shared by both directions);
 the adjacency gets self-loops (weight 1) and is normalised symmetrically, D^-1/2 (A + I) D^-1/2.
 
+The paper gives the GCN's input (51 x 4), output (51 x d) and depth (2 layers), not its layers.
+Two choices, measured on development data (docs/model.md, "The geometry path"):
+- `weights: node` (default): the first layer gives each landmark its own 6 -> d map (H' = Â [X_n W_n]),
+  the second is shared. The 51 nodes are fixed facial points, not interchangeable ones: a brow
+  raise and a lip-corner pull mean different classes, and with one shared map the model can only
+  tell the nodes apart through their coordinates. `shared`: one map for all nodes (Kipf & Welling).
+- `activation: none` (default): no ReLU between the graph convolutions (linear, as SGC, Wu et al.
+  2019), so each node's output is linear in its neighbourhood's displacement: on ~100 training
+  samples a nonlinear map of the movement fits the training subjects and generalises less.
+  `relu`: a ReLU between them.
+
 Node input (6 features, from the 4 columns x_onset, y_onset, x_apex, y_apex in crop pixels):
 the four coordinates centred and scaled to [-1, 1] ((p - 112) / 112), and the apex - onset
 displacement divided by DISPLACEMENT_SCALE_PX = 2 px (movements are a few pixels at most, so
@@ -33,6 +44,8 @@ DISPLACEMENT_SCALE_PX = 2.0
 HALF = 112.0  # half the 224 crop
 TRACK_WINDOW_PX = 17  # odd, so the square is centred on the point and mirror-symmetric (~ a LAMiF block)
 APEX_LANDMARKS = ("flow", "dlib")
+GCN_WEIGHTS = ("node", "shared")
+GCN_ACTIVATIONS = ("none", "relu")
 
 
 def _chain(*pts: int) -> list[tuple[int, int]]:
@@ -86,18 +99,39 @@ def node_features(landmarks: Tensor) -> Tensor:
     return torch.cat([pos, disp], dim=-1)
 
 
-class GCN(nn.Module):
-    """`layers` graph convolutions H' = Â H W over the facial graph (eq. 2): B x 51 x 4 -> B x 51 x d."""
+class NodeLinear(nn.Module):
+    """A linear map of each node's own: B x N x F -> B x N x D, node n by W_n (F x D) and b_n."""
 
-    def __init__(self, dim: int = 256, layers: int = 2, in_features: int = 6):
+    def __init__(self, nodes: int, in_features: int, out_features: int):
+        super().__init__()
+        bound = in_features ** -0.5  # nn.Linear's initial range, drawn for each node independently
+        self.weight = nn.Parameter(torch.empty(nodes, in_features, out_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(nodes, out_features).uniform_(-bound, bound))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.einsum("bnf,nfd->bnd", x, self.weight) + self.bias
+
+
+class GCN(nn.Module):
+    """`layers` graph convolutions H' = Â H W over the facial graph (eq. 2): B x 51 x 4 -> B x 51 x d;
+    `weights`: the first layer's W per node or shared; `activation`: between the layers."""
+
+    def __init__(self, dim: int = 256, layers: int = 2, in_features: int = 6, weights: str = "node",
+                 activation: str = "none"):
         super().__init__()
         if layers < 1:
             raise ValueError(f"gcn_layers must be >= 1, got {layers}")
+        if weights not in GCN_WEIGHTS or activation not in GCN_ACTIVATIONS:
+            raise ValueError(f"gcn weights / activation must be in {GCN_WEIGHTS} / {GCN_ACTIVATIONS}, "
+                             f"got {weights!r} / {activation!r}")
         idx = torch.tensor(EDGES, dtype=torch.long).t()  # 2 x E
         self.register_buffer("edge_index", idx, persistent=False)
         self.edge_logit = nn.Parameter(torch.zeros(idx.shape[1]))  # weight = exp(0) = 1 at init
         dims = [in_features] + [dim] * layers
-        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        first = (NodeLinear(NUM_LANDMARKS, in_features, dim) if weights == "node"
+                 else nn.Linear(in_features, dim))
+        self.linears = nn.ModuleList([first, *(nn.Linear(a, b) for a, b in zip(dims[1:-1], dims[2:]))])
+        self.relu = activation == "relu"
 
     def adjacency(self) -> Tensor:
         """Normalised adjacency D^-1/2 (A + I) D^-1/2, 51 x 51."""
@@ -115,6 +149,6 @@ class GCN(nn.Module):
         h = node_features(landmarks)  # B x 51 x 6
         for i, lin in enumerate(self.linears):
             h = adj @ lin(h)  # B x 51 x d  (eq. 2, one graph convolution)
-            if i < len(self.linears) - 1:
+            if self.relu and i < len(self.linears) - 1:
                 h = torch.relu(h)
         return h

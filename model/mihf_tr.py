@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from model.augment import mirror_flow, mirror_images, mirror_landmarks
 from model.gcmif import GLOBAL_FUSIONS, TRANSFORMER_HEADS, GCMiF
-from model.gcn import APEX_LANDMARKS, GCN, NUM_LANDMARKS, track_apex
+from model.gcn import APEX_LANDMARKS, GCN, GCN_ACTIVATIONS, GCN_WEIGHTS, NUM_LANDMARKS, track_apex
 from model.lamif import (
     BLOCK_INITS,
     LOCAL_FUSIONS,
@@ -62,6 +62,8 @@ class ModelConfig:
     block: int = 4
     dim: int = 256
     gcn_layers: int = 2
+    gcn_weights: str = "node"
+    gcn_activation: str = "none"
     alpha: float = 0.7
     modalities: list[str] = field(default_factory=_default_modalities)
     lamif: bool = True
@@ -134,6 +136,8 @@ class ModelConfig:
         choice("scsa_init", SCSA_INITS)
         choice("block_init", BLOCK_INITS)
         choice("apex_landmarks", APEX_LANDMARKS)
+        choice("gcn_weights", GCN_WEIGHTS)
+        choice("gcn_activation", GCN_ACTIVATIONS)
         for name in ("freeze_stems", "lamif", "gcmif", "embed_norm", "mirror_test"):
             flag(name)
         choice("local_fusion", LOCAL_FUSIONS)
@@ -189,7 +193,10 @@ class MiHFTr(nn.Module):
         )
         self.stem_appearance = stem("appearance")
         self.stem_motion = stem("motion")
-        self.gcn = GCN(config.dim, config.gcn_layers) if "geometry" in mods else None
+        self.gcn = (
+            GCN(config.dim, config.gcn_layers, weights=config.gcn_weights, activation=config.gcn_activation)
+            if "geometry" in mods else None
+        )
         if config.lamif:
             self.align = nn.ModuleDict(
                 {m: LocalAlignment(channels, config.dim, config.block, config.block_dropout,

@@ -369,6 +369,38 @@ def test_gcn_graph_and_output():
     assert gcn(landmarks_batch(3)).shape == (3, 51, 32)
 
 
+def test_gcn_node_weights_give_each_landmark_its_own_map():
+    torch.manual_seed(0)
+    node, shared = GCN(32, 2, weights="node"), GCN(32, 2, weights="shared")
+    x = node_features(landmarks_batch(2))  # B x 51 x 6
+    first = node.linears[0]
+    assert first.weight.shape == (51, 6, 32) and first.bias.shape == (51, 32)
+    by_hand = torch.stack([x[:, n] @ first.weight[n] + first.bias[n] for n in range(51)], dim=1)
+    assert torch.allclose(first(x), by_hand, atol=1e-6)
+    same = x[:1, :1].expand(1, 51, 6)  # every node given the same features
+    out_node, out_shared = first(same)[0], shared.linears[0](same)[0]
+    assert torch.allclose(out_shared, out_shared[:1].expand(51, -1))  # shared: one map, one answer
+    assert (out_node[1:] - out_node[:1]).abs().amax(dim=1).min() > 1e-3  # node: a different map per node
+    size = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert size(node) - size(shared) == 50 * (6 * 32 + 32)
+
+
+@pytest.mark.parametrize("weights", ["node", "shared"])
+def test_gcn_activation_none_is_linear_in_the_displacement(weights):
+    torch.manual_seed(0)
+    lm = landmarks_batch(1)
+    moved = lambda k: torch.cat([lm[..., :2], lm[..., :2] + k * (lm[..., 2:] - lm[..., :2])], dim=-1)  # noqa: E731
+    for activation, linear in (("none", True), ("relu", False)):
+        gcn = GCN(32, 2, weights=weights, activation=activation)
+        with torch.no_grad():
+            step1, step2 = gcn(moved(1.0)) - gcn(moved(0.0)), gcn(moved(3.0)) - gcn(moved(2.0))
+        assert torch.allclose(step1, step2, atol=1e-5) == linear  # equal steps of movement, equal changes
+    with pytest.raises(ValueError, match="gcn_weights"):
+        ModelConfig(gcn_weights="per-node")
+    with pytest.raises(ValueError, match="gcn_activation"):
+        ModelConfig(gcn_activation="tanh")
+
+
 # ---------------------------------------------------------------- losses
 
 
