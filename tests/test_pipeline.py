@@ -8,15 +8,17 @@ import re
 import shutil
 from pathlib import Path
 
+import cv2
 import h5py
 import numpy as np
 import pytest
+import skimage.data
 import yaml
 from conftest import run
 
 from mer import face
 from mer.datasets import get_dataset
-from stages.flow import flow_pair
+from stages.flow import flow_pair, match_illumination
 from stages.frames import FrameJob, crop_sample, extract_frames
 
 SIZE = 224
@@ -72,6 +74,44 @@ def test_flow_is_nonzero_on_motion_and_zero_on_a_static_pair(processed_h5: Path)
     assert face.mean(axis=(1, 2)).min() > 0.05, "every sample moves (expression + head drift)"
     static = np.hypot(*flow_pair((onset, onset), params).transpose(2, 0, 1))
     assert static.max() < 0.02
+
+
+def test_flow_ignores_a_lighting_change_between_onset_and_apex(processed_h5: Path) -> None:
+    """A known movement, then the apex lit brighter on one side: the matched flow recovers the movement."""
+    with h5py.File(processed_h5) as f:
+        onset = cv2.cvtColor(f["onset"][0], cv2.COLOR_RGB2GRAY).astype(np.float32)
+        params = json.loads(f.attrs["params"])["flow"]
+    x, y = np.meshgrid(np.arange(SIZE, dtype=np.float32), np.arange(SIZE, dtype=np.float32))
+    bump = 2.0 * np.exp(-((x - 112) ** 2 + (y - 150) ** 2) / (2 * 15.0**2))  # 2 px to the right
+    moved = cv2.remap(onset, x - bump, y, cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT_101)
+    light = 1.0 + 0.08 * x / SIZE + 0.04 * np.exp(-((x - 60) ** 2 + (y - 60) ** 2) / (2 * 50.0**2))
+    lit = np.clip(np.rint(moved * light), 0, 255).astype(np.uint8)
+
+    def error(mode: str) -> float:
+        flow = flow_pair((onset.astype(np.uint8), lit), {**params, "illumination": mode})
+        flow -= np.median(flow.reshape(-1, 2), axis=0)
+        return float(np.sqrt(((flow[..., 0] - bump) ** 2 + flow[..., 1] ** 2).mean()))
+
+    unmatched, matched = error("none"), error("quadratic")
+    print(f"flow RMS error: no match {unmatched:.3f} px, quadratic match {matched:.3f} px")
+    assert unmatched > 0.3, "the lighting change alone should fake flow without the match"
+    assert matched < unmatched / 4 and matched < 0.15
+
+
+def test_lighting_match_is_not_pulled_by_a_blink() -> None:
+    """A darker, offset apex with one closed eye: the robust fit restores the light elsewhere, the
+    plain least-squares fit (no reweighting) is pulled off by the eye."""
+    reference = cv2.cvtColor(skimage.data.astronaut(), cv2.COLOR_RGB2GRAY)[:224, 100:324]
+    image = np.clip(0.9 * reference.astype(np.float64) + 8, 0, 255)
+    image[60:100, 60:120] = 20  # the blink
+    outside = np.ones(reference.shape, bool)
+    outside[60:100, 60:120] = False
+
+    def error(passes: int) -> float:
+        matched = match_illumination(reference, np.rint(image).astype(np.uint8), degree=0, passes=passes)
+        return float(np.abs(matched.astype(np.float64) - reference)[outside].mean())
+
+    assert error(3) < 0.5 < 3 < error(0)
 
 
 def test_second_repro_runs_nothing(tiny_project: Path) -> None:
