@@ -54,13 +54,12 @@ def match_illumination(reference: np.ndarray, image: np.ndarray, degree: int, pa
     pixels = image.ravel().astype(np.float64)
     design = np.concatenate([basis * pixels[:, None], basis], axis=1)  # gain terms, offset terms: HW x 2T
     target = reference.ravel().astype(np.float64)
-    weight = np.ones_like(target)
-    for _ in range(passes + 1):
-        root = np.sqrt(weight)
-        coef, *_ = np.linalg.lstsq(design * root[:, None], target * root, rcond=None)
+    coef, *_ = np.linalg.lstsq(design, target, rcond=None)
+    for _ in range(passes):
         residual = np.abs(target - design @ coef)
         k = 1.345 * (1.4826 * np.median(residual) + 1e-6)
-        weight = np.minimum(1.0, k / np.maximum(residual, 1e-12))
+        root = np.sqrt(np.minimum(1.0, k / np.maximum(residual, 1e-12)))
+        coef, *_ = np.linalg.lstsq(design * root[:, None], target * root, rcond=None)
     return np.clip(np.rint(design @ coef), 0, 255).astype(np.uint8).reshape(h, w)
 
 
