@@ -28,10 +28,11 @@ from torch import Tensor, nn
 LOSSES = ("cw-focal", "focal", "ce")
 
 
-def class_weights(class_counts: Sequence[int] | np.ndarray | Tensor) -> Tensor:
-    """w_c = C (1/n_c) / sum_k (1/n_k): the normalised N_c of eq. 8, larger for rarer classes."""
+def class_weights(class_counts: Sequence[int] | np.ndarray | Tensor, power: float = 1.0) -> Tensor:
+    """w_c = C n_c^-p / sum_k n_k^-p: the normalised N_c of eq. 8, larger for rarer classes
+    (p = `power`: 1 inverse counts, 0.5 inverse square roots, 0 no weighting)."""
     n = torch.as_tensor(np.asarray(class_counts, dtype=np.float64)).clamp(min=1.0)
-    inv = 1.0 / n
+    inv = n ** -float(power)
     return (len(n) * inv / inv.sum()).float()
 
 
@@ -59,8 +60,8 @@ def focal_terms(logits: Tensor, target: Tensor, gamma: float, weights: Tensor | 
     return loss
 
 
-def loss_terms(name: str, gamma: float,
-               class_counts: Sequence[int] | np.ndarray | None = None) -> tuple[float, Tensor | None]:
+def loss_terms(name: str, gamma: float, class_counts: Sequence[int] | np.ndarray | None = None,
+               power: float = 1.0) -> tuple[float, Tensor | None]:
     """(gamma, class weights or None) with which `focal_terms` gives loss `name`'s per-sample terms;
     `cw-focal` needs the training fold's class_counts."""
     if name not in LOSSES:
@@ -68,13 +69,14 @@ def loss_terms(name: str, gamma: float,
     if name == "cw-focal":
         if class_counts is None or len(class_counts) == 0:
             raise ValueError("loss cw-focal needs the training fold's class_counts")
-        return float(gamma), class_weights(class_counts)
+        return float(gamma), class_weights(class_counts, power)
     return (0.0 if name == "ce" else float(gamma)), None
 
 
 def build_loss(
-    name: str, gamma: float = 2.0, class_counts: Sequence[int] | np.ndarray | None = None
+    name: str, gamma: float = 2.0, class_counts: Sequence[int] | np.ndarray | None = None, power: float = 1.0
 ) -> nn.Module:
-    """`cw-focal` (needs the training fold's class_counts) | `focal` | `ce`; call as loss(logits, target)."""
-    gamma, weights = loss_terms(name, gamma, class_counts)
+    """`cw-focal` (needs the training fold's class_counts; `power`: `class_weights`) | `focal` | `ce`;
+    call as loss(logits, target)."""
+    gamma, weights = loss_terms(name, gamma, class_counts, power)
     return nn.CrossEntropyLoss() if name == "ce" else FocalLoss(gamma, weights)

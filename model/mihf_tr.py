@@ -72,6 +72,7 @@ class ModelConfig:
     global_fusion: str = "sa"
     loss: str = "cw-focal"
     gamma: float = 2.0
+    class_weight_power: float = 1.0
     landmark_jitter_train: float = 1.0
     landmark_jitter_test: float = 0.0
     embed_norm: bool = True
@@ -129,6 +130,7 @@ class ModelConfig:
         num("gcn_layers", int, 1)
         num("alpha", float, 0.5, 1.0)
         num("gamma", float, 0.0)
+        num("class_weight_power", float, 0.0, 2.0)
         num("landmark_jitter_train", float, 0.0)
         num("landmark_jitter_test", float, 0.0)
         num("dropout", float, 0.0, 0.9)

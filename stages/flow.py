@@ -41,7 +41,8 @@ def grey(image: np.ndarray) -> np.ndarray:
 
 
 def match_illumination(reference: np.ndarray, image: np.ndarray, degree: int, passes: int = 3) -> np.ndarray:
-    """`image` (grey uint8) with its lighting mapped onto `reference`'s, as uint8.
+    """`image` (grey uint8) with its lighting mapped onto `reference`'s, as float64 grey levels (not
+    rounded: re-quantising a near-identity map draws one-grey-level contours that TV-L1 reads as flow).
 
     Fits reference ≈ g(x, y) image + o(x, y), g and o polynomials of `degree` in the centred,
     unit-scaled pixel coordinates, by least squares reweighted `passes` times with Huber weights
@@ -60,18 +61,24 @@ def match_illumination(reference: np.ndarray, image: np.ndarray, degree: int, pa
         k = 1.345 * (1.4826 * np.median(residual) + 1e-6)
         root = np.sqrt(np.minimum(1.0, k / np.maximum(residual, 1e-12)))
         coef, *_ = np.linalg.lstsq(design * root[:, None], target * root, rcond=None)
-    return np.clip(np.rint(design @ coef), 0, 255).astype(np.uint8).reshape(h, w)
+    return np.clip(design @ coef, 0, 255).reshape(h, w)
 
 
 def flow_pair(pair: tuple[np.ndarray, np.ndarray], flow_params: dict[str, Any]) -> np.ndarray:
-    """H×W×2 float32 (u = x, v = y) flow from `pair[0]` to `pair[1]` (RGB or grey uint8), the second's
-    lighting first matched to the first's (`flow_params["illumination"]`)."""
+    """H×W×2 float32 (u = x, v = y) flow from `pair[0]` to `pair[1]` (RGB or grey uint8).
+
+    With `flow_params["illumination"]` other than none, the second's lighting is fitted to the
+    first's; where the fit changes it by at least `illumination_min` grey levels on average, TV-L1
+    runs on the matched pair in float (cv2 reads float input as 0..1), else on the pair as given."""
     first, second = grey(pair[0]), grey(pair[1])
     mode = flow_params.get("illumination", "none")  # caches and models made before this key: no match
     if mode not in ILLUMINATION_DEGREES:
         raise ValueError(f"flow.illumination must be one of {list(ILLUMINATION_DEGREES)}, got {mode!r}")
     if ILLUMINATION_DEGREES[mode] is not None:
-        second = match_illumination(first, second, ILLUMINATION_DEGREES[mode])
+        matched = match_illumination(first, second, ILLUMINATION_DEGREES[mode])
+        if np.abs(matched - second).mean() >= float(flow_params.get("illumination_min", 0.0)):
+            scaled = [(image / 255).astype(np.float32) for image in (first, matched)]
+            return tvl1(flow_params).calc(*scaled, None).astype(np.float32)
     return tvl1(flow_params).calc(first, second, None).astype(np.float32)
 
 

@@ -47,13 +47,18 @@ from mer.common import PipelineError, load_params, parallel_map, run_main, stage
 
 LABELS_NAME = "CASME2-coding-synthetic.xlsx"
 WIDTH, HEIGHT = 640, 480
-JPEG_QUALITY = 95
 FACE_WIDTH = (200.0, 260.0)  # dlib box width on the canvas, px (CASME II faces at 640x480)
-NOISE_SIGMA = 2.0  # sensor noise, grey levels of 255
-DRIFT_PX = (0.5, 2.5)  # head translation over a sequence, px
-DRIFT_DEG = 0.4  # head rotation over a sequence, at most, degrees
-GAIN_RAMP = 0.04  # illumination change over a sequence, at most, fraction
-BLINK_PROBABILITY = 0.3
+# The nuisances (params.yaml `synthetic.nuisance`); these defaults render the embedded set.
+NUISANCE = {
+    "noise_sigma": 2.0,         # sensor noise, grey levels of 255
+    "jpeg_quality": 95,
+    "drift_px": [0.5, 2.5],     # head translation over a sequence, px
+    "drift_deg": 0.4,           # head rotation over a sequence, at most, degrees
+    "light_ramp": 0.04,         # illumination change over a sequence, at most, fraction
+    "light_ramp_p": 1.0,        # share of sequences whose light changes (the rest: constant light)
+    "blink_p": 0.3,
+    "contrast": [1.0, 1.0],     # per-sample contrast about mid-grey, uniform in this range
+}
 FIXED_TIME = "2019-07-01T00:00:00Z"  # xlsx document timestamps (the real sheet's date)
 ZIP_TIME = (2019, 7, 1, 0, 0, 0)
 
@@ -168,6 +173,15 @@ def emotion_counts(samples: int) -> dict[str, int]:
     return counts
 
 
+def nuisance(params: dict[str, Any]) -> dict[str, Any]:
+    """`synthetic.nuisance` over the defaults; unknown keys are an error (a typo would go unseen)."""
+    given = params.get("nuisance") or {}
+    unknown = sorted(set(given) - set(NUISANCE))
+    if unknown:
+        raise PipelineError(f"synthetic.nuisance: unknown keys {unknown}; known: {sorted(NUISANCE)}")
+    return {**NUISANCE, **given}
+
+
 def check_params(params: dict[str, Any]) -> None:
     keys = ("seed", "subjects", "samples", "onset_to_apex", "apex_to_offset", "amplitude_px")
     missing = [k for k in keys if k not in params]
@@ -244,7 +258,7 @@ def plan(params: dict[str, Any]) -> list[SampleSpec]:
         else:
             onset = int(r.integers(11, 400))
         blink = None
-        if r.random() < BLINK_PROBABILITY:
+        if r.random() < nuisance(params)["blink_p"]:
             frames = int(min(length, r.integers(3, 6)))
             blink = (int(r.integers(0, length - frames + 1)), frames, float(r.uniform(0.6, 1.0)))
         specs.append(SampleSpec(index=index, subject=row["subject"], filename=row["filename"],
@@ -492,11 +506,12 @@ def blink_field(points: np.ndarray, closure: float) -> tuple[np.ndarray, np.ndar
 
 
 @functools.cache
-def _noise_table() -> np.ndarray:
-    """Gaussian quantiles (sigma NOISE_SIGMA) indexed by a uniform uint16: 3x faster than sampling."""
+@functools.cache
+def _noise_table(sigma: float) -> np.ndarray:
+    """Gaussian quantiles (sd `sigma`) indexed by a uniform uint16: 3x faster than sampling."""
     from statistics import NormalDist
 
-    normal = NormalDist(0.0, NOISE_SIGMA)
+    normal = NormalDist(0.0, sigma)
     return np.array([normal.inv_cdf((i + 0.5) / 65536) for i in range(65536)], np.float32)
 
 
@@ -504,6 +519,12 @@ def render_sample(spec: SampleSpec, identity: Identity,
                   params: dict[str, Any]) -> list[tuple[int, np.ndarray]]:
     """(frame number, 480×640×3 uint8 BGR frame) for the onset..offset frames of one sample."""
     rng = np.random.default_rng([int(params["seed"]), 3, spec.index])
+    extra = nuisance(params)
+    # Draws added with the nuisance params come from a stream of their own: the defaults render
+    # the same bytes as before they existed.
+    light_rng = np.random.default_rng([int(params["seed"]), 4, spec.index])
+    constant_light = light_rng.random() >= extra["light_ramp_p"]
+    contrast = light_rng.uniform(*extra["contrast"])
     rise, fall = int(params["onset_to_apex"]), int(params["apex_to_offset"])
     profile = temporal_profile(rise, fall)
     length = len(profile)
@@ -517,9 +538,11 @@ def render_sample(spec: SampleSpec, identity: Identity,
         brightness = rng.uniform(0.92, 1.08)
         # Head drift over the sequence: translation in a random direction plus a small rotation.
         direction = rng.uniform(0, 2 * np.pi)
-        drift = rng.uniform(*DRIFT_PX) * np.array([np.cos(direction), np.sin(direction)])
-        drift_angle = rng.uniform(-DRIFT_DEG, DRIFT_DEG)
-        ramp = rng.uniform(-GAIN_RAMP, GAIN_RAMP)
+        drift = rng.uniform(*extra["drift_px"]) * np.array([np.cos(direction), np.sin(direction)])
+        drift_angle = rng.uniform(-extra["drift_deg"], extra["drift_deg"])
+        ramp = rng.uniform(-extra["light_ramp"], extra["light_ramp"])  # drawn either way: later draws stay
+        if constant_light:
+            ramp = 0.0
         noise_seed = int(rng.integers(2**32))
         points = cv2.transform(identity.landmarks[None].astype(np.float64), pose)[0]
         centres, vectors, sigmas = au_bumps(points, spec.action_units)
@@ -555,7 +578,10 @@ def render_sample(spec: SampleSpec, identity: Identity,
             if shade is not None:
                 image *= shade[..., None]
             image *= brightness * (1 + ramp * k / max(length - 1, 1))
-            image += _noise_table()[noise_rng.integers(0, 65536, image.shape, dtype=np.uint16)]
+            if contrast != 1.0:
+                image = 128 + contrast * (image - 128)
+            noise = _noise_table(float(extra["noise_sigma"]))
+            image += noise[noise_rng.integers(0, 65536, image.shape, dtype=np.uint16)]
             np.clip(image, 0, 255, out=image)
             frames.append((spec.onset + k, (image + 0.5).astype(np.uint8)))
         if len(detect_faces(frames[0][1])) == 1 and len(detect_faces(frames[rise][1])) == 1:
@@ -569,7 +595,8 @@ def _write_sample(job: tuple[SampleSpec, Identity, dict[str, Any], Path]) -> int
     folder.mkdir(parents=True, exist_ok=True)
     frames = render_sample(spec, identity, params)
     for number, image in frames:
-        ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+        quality = int(nuisance(params)["jpeg_quality"])
+        ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
         if not ok:
             raise RuntimeError(f"JPEG encoding failed for {folder}/img{number}.jpg")
         (folder / f"img{number}.jpg").write_bytes(data.tobytes())

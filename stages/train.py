@@ -357,7 +357,8 @@ def fit_net(train_idx: np.ndarray, seed: int, tick: bool = True) -> tuple[MiHFTr
     model_cfg: ModelConfig = s["model"]
     device = s["device"]
     net, rng, jitter_rng = _fold_start(train_idx, seed)
-    loss_fn = build_loss(model_cfg.loss, model_cfg.gamma, _class_counts(train_idx)).to(device)
+    loss_fn = build_loss(model_cfg.loss, model_cfg.gamma, _class_counts(train_idx),
+                         model_cfg.class_weight_power).to(device)
     params = [p for p in net.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.StepLR(optimiser, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
@@ -533,7 +534,8 @@ def fit_group(folds: list[Fold], tick: bool = True) -> list[tuple[MiHFTr, list[f
     parts = _FoldParts(nets[0]).train()
     optimiser = MaskedAdamW(trainable, len(folds), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.StepLR(optimiser, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
-    terms = [loss_terms(model_cfg.loss, model_cfg.gamma, _class_counts(fold.train)) for fold in folds]
+    power = model_cfg.class_weight_power
+    terms = [loss_terms(model_cfg.loss, model_cfg.gamma, _class_counts(fold.train), power) for fold in folds]
     ones = torch.ones(s["num_classes"])  # fold-batched terms are weighted here, focal / ce included
     gamma, class_w = terms[0][0], torch.stack([ones if w is None else w for _, w in terms]).to(device)
     labels = torch.from_numpy(s["labels"]).to(device)

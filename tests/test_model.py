@@ -363,9 +363,9 @@ def test_gcn_graph_and_output():
     # symmetric normalisation: D^-1/2 (A + I) D^-1/2 with unit weights has eigenvalue 1
     assert torch.linalg.eigvalsh(adj).max().item() == pytest.approx(1.0, abs=1e-5)
     lm = torch.full((1, 51, 4), 112.0)
-    lm[0, :, 2] += 2.0  # apex moved 2 px right
+    lm[0, :, 2] += 2.0  # apex moved 2 px right: 3 displacement units of 2/3 px
     nf = node_features(lm)
-    assert torch.allclose(nf[0, 0], torch.tensor([0.0, 0.0, 2 / 112, 0.0, 1.0, 0.0]))
+    assert torch.allclose(nf[0, 0], torch.tensor([0.0, 0.0, 2 / 112, 0.0, 3.0, 0.0]))
     assert gcn(landmarks_batch(3)).shape == (3, 51, 32)
 
 
@@ -447,6 +447,25 @@ def test_cw_focal_upweights_rare_class():
     loss(logits, torch.tensor([2, 1])).backward()
     g = logits.grad.abs().sum(dim=1)
     assert g[0] / g[1] == pytest.approx(90 / 28, rel=1e-5)
+
+
+def test_class_weight_power_softens_the_weights():
+    counts = [92, 26, 15]  # SAMM's 3 classes
+    for power in (0.0, 0.5, 1.0):
+        w = class_weights(counts, power).numpy()
+        inv = [n ** -power for n in counts]
+        np.testing.assert_allclose(w, [3 * i / sum(inv) for i in inv], rtol=1e-6)
+        assert w.mean() == pytest.approx(1.0)
+    np.testing.assert_allclose(class_weights(counts, 0.0).numpy(), [1.0, 1.0, 1.0])
+    np.testing.assert_array_equal(class_weights(counts).numpy(), class_weights(counts, 1.0).numpy())
+    # the rare-to-common ratio is (92 / 15)^p: 6.1 at p 1, 2.5 at p 0.5
+    for power in (0.5, 1.0):
+        w = class_weights(counts, power).numpy()
+        assert w[2] / w[0] == pytest.approx((92 / 15) ** power, rel=1e-5)
+        _, weights = loss_terms("cw-focal", 2.0, counts, power)
+        np.testing.assert_allclose(weights.numpy(), w, rtol=1e-6)
+    with pytest.raises(ValueError, match="class_weight_power"):
+        ModelConfig(class_weight_power=-0.5)
 
 
 # ---------------------------------------------------------------- gradients, freezing, loading
