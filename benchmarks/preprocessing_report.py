@@ -6,8 +6,7 @@ Needs `data/interim/frames.h5` and `landmarks.h5` (`dvc repro landmarks`). Their
 up to `--samples` clips (CASME II's 3-class protocol: 143 clips, 24 subjects; subjects renamed per
 copy so that LOSO has as many folds), then the report runs with params.yaml's variants and
 `workers` as `dvc repro` would. Prints the wall time of the whole report and of each variant, and,
-measured in the same run, one TV-L1 pair on one thread: the ratio says what a variant costs in
-TV-L1 passes per clip.
+measured in the same run, one TV-L1 pair: the ratio says what a variant costs in pair-times per clip.
 """
 
 from __future__ import annotations
@@ -49,8 +48,8 @@ def main() -> None:
     passes = total * workers / (one_pair * args.samples * len(report))
     print(f"{args.samples} clips, {len(set(arrays['subject']))} subjects, {len(report)} variants, "
           f"{workers} workers: {total:.0f} s ({total / 60:.1f} min)")
-    print(f"one TV-L1 pair, one thread: {one_pair:.2f} s; the report costs {passes:.2f} single-thread "
-          "TV-L1 passes per clip and variant (magnification, probes and pool included)")
+    print(f"one TV-L1 pair in this process (OpenCV's own threads): {one_pair:.2f} s; the report costs "
+          f"{passes:.2f} such pair-times per clip, variant and worker (magnification, probes, pool included)")
 
 
 if __name__ == "__main__":
