@@ -245,6 +245,7 @@ def plan(params: dict[str, Any]) -> list[SampleSpec]:
     rows.sort(key=lambda r: (r["subject"], r["filename"]))
 
     low, high = (float(v) for v in params["amplitude_px"])
+    blink_p = nuisance(params)["blink_p"]
     rise, fall = int(params["onset_to_apex"]), int(params["apex_to_offset"])
     length = rise + fall + 1
     specs = []
@@ -258,7 +259,7 @@ def plan(params: dict[str, Any]) -> list[SampleSpec]:
         else:
             onset = int(r.integers(11, 400))
         blink = None
-        if r.random() < nuisance(params)["blink_p"]:
+        if r.random() < blink_p:
             frames = int(min(length, r.integers(3, 6)))
             blink = (int(r.integers(0, length - frames + 1)), frames, float(r.uniform(0.6, 1.0)))
         specs.append(SampleSpec(index=index, subject=row["subject"], filename=row["filename"],
@@ -594,8 +595,8 @@ def _write_sample(job: tuple[SampleSpec, Identity, dict[str, Any], Path]) -> int
     folder = out_dir / f"sub{spec.subject:02d}" / spec.filename
     folder.mkdir(parents=True, exist_ok=True)
     frames = render_sample(spec, identity, params)
+    quality = int(nuisance(params)["jpeg_quality"])
     for number, image in frames:
-        quality = int(nuisance(params)["jpeg_quality"])
         ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
         if not ok:
             raise RuntimeError(f"JPEG encoding failed for {folder}/img{number}.jpg")
