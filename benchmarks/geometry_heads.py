@@ -32,7 +32,7 @@ from mer.metrics import pooled_scores
 from model.augment import mirror_flow, mirror_landmarks
 from model.gcn import GCN, NUM_LANDMARKS, NodeLinear, track_apex
 from model.loss import build_loss
-from stages.train import loso_splits
+from model.training import loso_splits
 
 HIDDEN = 256
 

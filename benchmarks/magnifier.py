@@ -6,8 +6,8 @@ Two schedules, the `magnifier` params otherwise: `cpu` (params.yaml: 64² patche
 `gpu` (the paper's 384² patches, batch --gpu-batch). Data: `make_batch` timed over --batches
 batches after one warm-up. Training: `train_magnifier` (data included, one torch thread as the
 stage runs it) timed at --steps and 2 × --steps steps; the difference is the steady per-step cost.
---baseline REV also times model/magnifier.py as of git revision REV (e.g. 1c7222b, the last
-per-patch numpy generator) the same way, on the same device.
+--baseline REV also times the magnifier as of git revision REV (mer/magnifier.py, or model/magnifier.py
+where it lived before; e.g. 1c7222b, the last per-patch numpy generator) the same way, on the same device.
 """
 
 from __future__ import annotations
@@ -30,13 +30,17 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model import magnifier  # noqa: E402
+from mer import magnifier  # noqa: E402
 
 
 def load_revision(rev: str) -> ModuleType:
-    """model/magnifier.py as of git revision `rev`, imported as a module of its own."""
-    source = subprocess.run(["git", "show", f"{rev}:model/magnifier.py"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout
+    """The magnifier as of git revision `rev` (mer/magnifier.py, or model/magnifier.py where it lived
+    before), imported as a module of its own."""
+    shown = [subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True)
+             for path in ("mer/magnifier.py", "model/magnifier.py")]
+    source = next((s.stdout for s in shown if s.returncode == 0), None)
+    if source is None:
+        raise SystemExit(f"revision {rev} has neither mer/magnifier.py nor model/magnifier.py")
     path = Path(tempfile.mkdtemp()) / f"magnifier_{rev}.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location(path.stem, path)
@@ -84,7 +88,7 @@ def steps_per_second(module: ModuleType, p: dict[str, Any], steps: int) -> float
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto", help="cpu | cuda | auto (cuda when present)")
-    ap.add_argument("--baseline", help="git revision whose model/magnifier.py to time as well")
+    ap.add_argument("--baseline", help="git revision whose magnifier to time as well")
     ap.add_argument("--batches", type=int, default=5)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--gpu-batch", type=int, default=4)

@@ -33,9 +33,8 @@ def main() -> None:
 
     from mer.common import load_params
     from mer.datasets import get_dataset
-    from model import MiHFTr, ModelConfig
+    from model import MiHFTr, ModelConfig, predict
     from model.checkpoint import save_checkpoint
-    from stages import predict
 
     imports = time.perf_counter() - start
     params = load_params(REPO / "params.yaml")

@@ -26,13 +26,12 @@ import cv2
 import numpy as np
 import yaml
 
-from mer import face
+from mer import face, frames
 from mer.common import load_params, stage_command, write_h5
 from mer.datasets import dataset_from_params
-from stages import frames
-from stages.flow import flow_pair
-from stages.landmarks import landmarks_pair
-from stages.magnify import magnify_pair
+from mer.flow import flow_pair
+from mer.landmarks import landmarks_pair
+from mer.magnify import magnify_pair
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("frames", "magnify", "flow", "landmarks", "pack")

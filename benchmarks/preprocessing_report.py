@@ -17,8 +17,8 @@ import time
 import numpy as np
 
 from mer.common import class_names, load_params, read_h5, worker_count
-from stages.flow import flow_pair
-from stages.preprocessing_report import preprocessing_report
+from mer.flow import flow_pair
+from mer.preprocessing_report import preprocessing_report
 
 
 def main() -> None:

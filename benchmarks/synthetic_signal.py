@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from mer.common import load_params
-from stages.synthesize import LABELS_NAME, THREE_CLASS, detect_faces
+from mer.synthetic import LABELS_NAME, THREE_CLASS, detect_faces
 
 CROP = 160  # face crop side for the flow, px
 GRID = 8

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from mer.common import load_params, worker_count
-from stages import train
+from model.loso import run_folds
+from model.training import FoldData, configure, loso_splits, resolve_device
 
 # CASME II-sized (3 classes: ~145 samples, 24 subjects), the paper's schedule. 8 folds at a time:
 # the trainable stems keep ~90 MB of activations per image for the backward (float32, measured on
@@ -54,19 +55,16 @@ def timed_run(params: dict, arrays: dict[str, np.ndarray], fold_batch: int,
               epochs: int) -> tuple[float, float]:
     """(training samples / s, seconds) of run_folds with this fold_batch and epoch count."""
     params = {**params, "train": {**params["train"], "fold_batch": fold_batch, "epochs": epochs}}
-    cfg, model_cfg, device = train.configure(params)
-    folds = train.loso_splits(arrays["subject"], cfg.seed)
-    train.setup_state(cfg, model_cfg, device, arrays, 3)
-    try:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        train.run_folds(folds, params["workers"], epochs)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-    finally:
-        train._STATE.clear()
+    cfg, model_cfg, device = configure(params)
+    folds = loso_splits(arrays["subject"], cfg.seed)
+    data = FoldData.build(cfg, model_cfg, device, arrays, 3)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    run_folds(data, folds, params["workers"])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
     return sum(len(f.train) for f in folds) * epochs / seconds, seconds
 
 
@@ -96,7 +94,7 @@ def main() -> None:
     params["train"] = {**params["train"], "batch_size": args.batch, "amp": args.amp,
                        "channels_last": args.channels_last, "device": "auto"}
     arrays = synthetic(args.samples, args.subjects)
-    device = train.resolve_device("auto")
+    device = resolve_device("auto")
     workers = min(worker_count(args.workers), args.subjects)
     print(f"{device} ({os.cpu_count()} CPU cores, {workers} workers), {args.samples} samples, "
           f"{args.subjects} subjects, {args.epochs} epochs, batch {args.batch}, "

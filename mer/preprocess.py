@@ -17,10 +17,10 @@ import numpy as np
 
 from mer import face
 from mer.common import PipelineError
-from stages.flow import flow_pair
-from stages.frames import align_pair
-from stages.landmarks import landmarks_pair
-from stages.magnify import magnify_item
+from mer.flow import flow_pair
+from mer.frames import align_pair
+from mer.landmarks import landmarks_pair
+from mer.magnify import magnify_item
 
 
 @dataclass(frozen=True)

@@ -1,21 +1,12 @@
-"""Stage `frames`: label spreadsheet → onset and apex frames → aligned face crops.
+"""Stage `frames` (dvc.yaml): label spreadsheet → onset and apex frames → aligned face crops.
 
-The face is found with dlib on the onset frame only; the same similarity transform (eyes
-levelled, face box plus margin scaled to `frames.size`) is applied to the apex frame, so
-the only difference between the two crops is the facial motion itself.
+The algorithm lives in mer/frames.py; this module reads params and paths, calls it, writes the outputs.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-
-import cv2
-import numpy as np
 
 from mer import face
 from mer.common import (
@@ -23,137 +14,12 @@ from mer.common import (
     atomic_path,
     load_params,
     package_versions,
-    parallel_map,
     run_main,
     stage_paths,
     write_h5,
 )
-from mer.datasets import MicroExpressionDataset, Sample, dataset_from_params
-
-
-@dataclass(frozen=True)
-class FrameJob:
-    name: str  # subject/sample, for messages
-    onset_path: Path
-    apex_path: Path
-
-
-def read_rgb(path: Path, name: str) -> np.ndarray:
-    """Frame as H×W×3 uint8 RGB (grey frames repeated on the three channels)."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise PipelineError(f"{name}: frame {path} is missing or not a readable image: replace the file")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-def alignment_matrix(box: np.ndarray, points: np.ndarray, size: int, margin: float) -> np.ndarray:
-    """2×3 similarity: rotate about the face centre so the eyes are level, scale the face box
-    grown by `margin` per side to `size`, centre it."""
-    left_eye, right_eye = points[face.LEFT_EYE].mean(0), points[face.RIGHT_EYE].mean(0)
-    angle = np.degrees(np.arctan2(right_eye[1] - left_eye[1], right_eye[0] - left_eye[0]))
-    centre = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
-    side = max(box[2] - box[0], box[3] - box[1]) * (1 + 2 * margin)
-    matrix = cv2.getRotationMatrix2D(centre, float(angle), size / side)
-    matrix[:, 2] += np.array([size / 2, size / 2]) - centre
-    return matrix
-
-
-def warp(image: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
-    """Apply `matrix`, first halving the image while the scale is below 1/2 (no aliasing)."""
-    matrix = matrix.copy()
-    while np.hypot(*matrix[0, :2]) < 0.5:
-        image = cv2.pyrDown(image)
-        matrix[:, :2] *= 2
-    return cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_REPLICATE)
-
-
-def read_pair(job: FrameJob) -> tuple[np.ndarray, np.ndarray]:
-    """The onset and apex frames of `job`, RGB uint8, checked to share a size."""
-    onset = read_rgb(job.onset_path, job.name)
-    apex = read_rgb(job.apex_path, job.name)
-    if onset.shape != apex.shape:
-        raise PipelineError(f"{job.name}: onset {job.onset_path.name} is {onset.shape[1]}×{onset.shape[0]} "
-                            f"but apex {job.apex_path.name} is {apex.shape[1]}×{apex.shape[0]}: "
-                            "frames of one sample must share a size")
-    return onset, apex
-
-
-def align_pair(onset: np.ndarray, apex: np.ndarray, size: int, margin: float, detect_width: int,
-               upsample: int, predictor_file: Path, detectors: Sequence[str] = face.DETECTORS,
-               cnn_file: Path | None = None) -> dict[str, Any] | None:
-    """Aligned onset and apex crops of two same-size RGB frames, the face box in crop pixels
-    (`face_box`) and as detected in the frame (`frame_box`), the chain step that found the face
-    (`detector`, see `face.find_face`); None when no face is found."""
-    found = face.find_face(onset, detect_width, upsample, detectors, cnn_file)
-    if found is None:
-        return None
-    box, detector = found
-    matrix = alignment_matrix(box, face.landmarks68(onset, box, predictor_file), size, margin)
-    corners = np.array([[box[0], box[1], 1], [box[2], box[3], 1]]) @ matrix.T
-    centre, half = corners.mean(0), np.hypot(*matrix[0, :2]) * (box[2] - box[0]) / 2
-    return {
-        "onset": warp(onset, matrix, size),
-        "apex": warp(apex, matrix, size),
-        "face_box": np.array([*(centre - half), *(centre + half)], dtype=np.float32),
-        "frame_box": box.astype(np.float32),  # not stored by the stage; `predict` reports it
-        "detector": detector,
-    }
-
-
-def crop_sample(job: FrameJob, size: int, margin: float, detect_width: int, upsample: int,
-                predictor_file: Path, detectors: Sequence[str] = face.DETECTORS,
-                cnn_file: Path | None = None) -> dict[str, Any] | None:
-    """align_pair on the frames of `job`."""
-    return align_pair(*read_pair(job), size, margin, detect_width, upsample, predictor_file, detectors,
-                      cnn_file)
-
-
-def frame_jobs(dataset: MicroExpressionDataset, samples: list[Sample]) -> list[FrameJob]:
-    """Resolve every onset/apex file up front, so a missing frame fails before any work."""
-    jobs = []
-    for s in samples:
-        name = f"{s.subject}/{s.sample}"
-        paths = []
-        present = dataset.frame_numbers(s)  # one directory listing per sample
-        for which, number in (("onset", s.onset), ("apex", s.apex)):
-            if number not in present:
-                span = f"{present[0]}–{present[-1]}" if present else "none"
-                raise PipelineError(f"{name}: {which} frame {number} is not among the frames present "
-                                    f"in {s.folder} ({span}): fix the spreadsheet row or add the frame")
-            paths.append(dataset.frame_path(s, number))
-        jobs.append(FrameJob(name, *paths))
-    return jobs
-
-
-def extract_frames(dataset: MicroExpressionDataset, frames_params: dict[str, Any], predictor_file: Path,
-                   workers: int, cnn_file: Path | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Crops of every sample as stacked arrays (`detector`: which chain step found each face), and
-    the samples where no face was found."""
-    samples = dataset.samples()
-    if not samples:
-        raise PipelineError(f"{dataset.name}: the label spreadsheet gives no samples of the "
-                            f"{len(dataset.classes)}-class set: check data.labels and data.classes")
-    face.predictor(predictor_file)  # load once in this process; forked workers inherit it
-    work = functools.partial(crop_sample, size=frames_params["size"], margin=frames_params["margin"],
-                             detect_width=frames_params["detect_width"], upsample=frames_params["upsample"],
-                             predictor_file=predictor_file, detectors=frames_params["detectors"],
-                             cnn_file=cnn_file)
-    crops = parallel_map(work, frame_jobs(dataset, samples), workers, desc="frames")
-    no_face = [f"{s.subject}/{s.sample}" for s, c in zip(samples, crops) if c is None]
-    if no_face and frames_params["on_no_face"] != "skip":
-        raise PipelineError(f"no face found in the onset frame of {len(no_face)} sample(s): "
-                            f"{', '.join(no_face)}: check those frames, or set frames.on_no_face=skip")
-    kept = [(s, c) for s, c in zip(samples, crops) if c is not None]
-    arrays = {key: np.stack([c[key] for _, c in kept]) for key in ("onset", "apex", "face_box")}
-    arrays |= {
-        "label": np.array([s.label for s, _ in kept], dtype=np.int64),
-        "subject": np.array([s.subject for s, _ in kept]),
-        "sample": np.array([s.sample for s, _ in kept]),
-        "emotion": np.array([s.emotion for s, _ in kept]),
-        "detector": np.array([c["detector"] for _, c in kept]),
-    }
-    return arrays, no_face
+from mer.datasets import dataset_from_params
+from mer.frames import extract_frames
 
 
 def main(argv: Sequence[str] | None = None) -> None:

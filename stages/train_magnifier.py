@@ -1,6 +1,6 @@
 """Stage `train_magnifier` (pipeline magnification/dvc.yaml): the learned magnifier's weights.
 
-Trains model/magnifier.py's network with the `magnifier` params and writes the weights to `--out`
+Trains mer/magnifier.py's network with the `magnifier` params and writes the weights to `--out`
 (`magnify.weights`, what `magnify.method: learned` loads): same params, same bytes.
 """
 
@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 
 from mer.common import load_params, run_main, stage_paths
-from model.magnifier import save_weights, train_magnifier
+from mer.magnifier import save_weights, train_magnifier
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -10,8 +10,8 @@ import pytest
 import skimage.data
 
 from mer.common import load_params
-from stages.flow import flow_pair, grey, match_illumination
-from stages.magnify import magnify_pair
+from mer.flow import flow_pair, grey, match_illumination
+from mer.magnify import magnify_pair
 
 SIZE = 224
 X, Y = np.meshgrid(np.arange(SIZE, dtype=np.float32), np.arange(SIZE, dtype=np.float32))

@@ -13,8 +13,8 @@ from skimage import data
 from mer import face
 from mer.common import PipelineError
 from mer.datasets import Smic
-from stages.frames import extract_frames
-from stages.landmarks import fit_pair
+from mer.frames import extract_frames
+from mer.landmarks import fit_pair
 
 FRAMES_PARAMS = {"size": 224, "margin": 0.15, "detect_width": 320, "upsample": 1, "on_no_face": "fail"}
 

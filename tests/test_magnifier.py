@@ -11,8 +11,9 @@ from skimage.filters import window
 from skimage.metrics import structural_similarity
 from skimage.registration import phase_cross_correlation
 
+from mer import magnify
 from mer.common import PipelineError
-from model.magnifier import (
+from mer.magnifier import (
     Magnifier,
     Photos,
     flow_fields,
@@ -26,7 +27,6 @@ from model.magnifier import (
     train_magnifier,
     training_photos,
 )
-from stages import magnify
 from tests.conftest import REPO
 
 TINY = {"steps": 3, "batch": 1, "patch": 32}

@@ -14,7 +14,7 @@ from skimage.metrics import structural_similarity
 from skimage.registration import phase_cross_correlation
 
 from mer.common import PipelineError, read_h5, write_h5
-from stages.magnify import METHODS, luminance, magnify_file, magnify_pair, pyramid_filters
+from mer.magnify import METHODS, luminance, magnify_file, magnify_pair, pyramid_filters
 
 SIZE = 224
 ALPHA = 3.0

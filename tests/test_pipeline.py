@@ -18,8 +18,8 @@ from conftest import run
 
 from mer import face
 from mer.datasets import get_dataset
-from stages.flow import flow_pair, match_illumination
-from stages.frames import FrameJob, crop_sample, extract_frames
+from mer.flow import flow_pair, match_illumination
+from mer.frames import FrameJob, crop_sample, extract_frames
 
 SIZE = 224
 

@@ -23,12 +23,11 @@ from test_bad_input import error_line
 
 from mer.common import read_h5, write_h5
 from mer.datasets import Sample, get_dataset
+from mer.frames import FrameJob, read_pair
 from mer.preprocess import face_models, preprocess_pair
-from model import MiHFTr, prepare_batch
+from model import MiHFTr, predict, prepare_batch
 from model.checkpoint import FORMAT, load_checkpoint, save_checkpoint
-from stages import predict
-from stages.fit import fit_final
-from stages.frames import FrameJob, read_pair
+from model.loso import fit_final
 
 ROWS = (0, 1)  # the HDF5 rows predicted; two, so that a mix-up of samples would show
 
@@ -268,7 +267,7 @@ def test_no_face_from_the_command_line(model_file: tuple, tmp_path: Path) -> Non
     before = set(tmp_path.iterdir())
     argv = ["--onset", str(tmp_path / "blank0.png"), "--apex", str(tmp_path / "blank1.png"),
             "--model", str(model_file[0]), "--explain", str(tmp_path / "out.png")]
-    result = subprocess.run([sys.executable, "-m", "stages.predict", *argv], cwd=REPO, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "model.predict", *argv], cwd=REPO, capture_output=True,
                             text=True)
     assert result.returncode == 2 and result.stdout == "", result.stderr
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr

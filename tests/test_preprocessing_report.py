@@ -12,7 +12,7 @@ import yaml
 from conftest import run
 
 from mer.common import PipelineError, load_params
-from stages.preprocessing_report import variant_params
+from mer.preprocessing_report import variant_params
 
 VARIANTS = {"default": {}, "phase_x3": {"magnify": {"method": "phase"}},
             "same_as_default": {"flow": {"illumination_min": 1.0}}}

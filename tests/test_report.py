@@ -15,8 +15,8 @@ from conftest import run
 from scipy.stats import wilcoxon
 
 from mer import metrics
+from mer import reports as report
 from mer.common import PipelineError, read_h5
-from stages import report
 
 # ---- ARa / AEr ------------------------------------------------------------------------------------
 
@@ -221,7 +221,7 @@ def test_tsne_stage_writes_png_and_json(report_project: Path):
 
     # the command by hand: another path, same seed -> the same numbers
     out = project / "reports" / "again.png"
-    result = run(["python", "-m", "stages.report", "tsne", "--features", "data/features.h5",
+    result = run(["python", "-m", "stages.tsne", "--features", "data/features.h5",
                   "--out", str(out)], project)
     assert "ARa" in result.stdout and out.read_bytes()[:4] == b"\x89PNG"
     assert json.loads(out.with_suffix(".json").read_text()) == data

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 
 from mer import face
+from mer import synthetic as syn
 from mer.common import PipelineError
-from stages import synthesize as syn
 
 REPO = Path(__file__).resolve().parents[1]
 # Seed 3: the happiness and surprise samples have no blink (their flow is then AU motion only).

@@ -17,8 +17,8 @@ from sklearn.metrics import accuracy_score, f1_score, recall_score
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
 from mer import metrics
-from mer.common import load_params, read_h5
-from stages import train
+from mer.common import PipelineError, load_params, read_h5, stage_paths
+from model import fold_batch, loso, training
 
 CLASSES = ["negative", "positive", "surprise", "other"]
 
@@ -79,7 +79,7 @@ def test_round_floats_is_stable():
 def test_loso_folds_never_train_on_the_test_subject(processed_h5: Path):
     arrays, _ = read_h5(processed_h5, ["subject"])
     subjects = arrays["subject"]
-    folds = train.loso_splits(subjects, seed=0)
+    folds = training.loso_splits(subjects, seed=0)
     assert len(folds) == len(set(subjects))
     tested = np.concatenate([f.test for f in folds])
     assert sorted(tested) == list(range(len(subjects)))  # every sample tested exactly once
@@ -91,38 +91,39 @@ def test_loso_folds_never_train_on_the_test_subject(processed_h5: Path):
 
 
 def test_a_single_subject_is_refused():
-    with pytest.raises(train.PipelineError, match="at least 2 subjects"):
-        train.loso_splits(np.array(["s1", "s1"]))
+    with pytest.raises(PipelineError, match="at least 2 subjects"):
+        training.loso_splits(np.array(["s1", "s1"]))
 
 
 def test_bad_train_params_are_one_line_errors():
-    with pytest.raises(train.PipelineError, match="unknown train key"):
-        train.TrainConfig.from_params({"epoch": 3})
-    with pytest.raises(train.PipelineError, match="train.batch_size"):
-        train.TrainConfig.from_params({"batch_size": 0})
+    with pytest.raises(PipelineError, match="unknown train key"):
+        training.TrainConfig.from_params({"epoch": 3})
+    with pytest.raises(PipelineError, match="train.batch_size"):
+        training.TrainConfig.from_params({"batch_size": 0})
     for key, value in (("fold_batch", -1), ("fold_batch", 1.5), ("amp", "fp16"), ("channels_last", "no"),
                        ("deterministic", "yes"), ("deterministic", 1)):
-        with pytest.raises(train.PipelineError, match=f"train.{key} must be"):
-            train.TrainConfig.from_params({key: value})
-    with pytest.raises(train.PipelineError, match="fold_batch must be 1 with model.global_fusion: lstm"):
-        train.configure({"train": {"fold_batch": 0, "device": "cpu"}, "model": {"global_fusion": "lstm"}})
+        with pytest.raises(PipelineError, match=f"train.{key} must be"):
+            training.TrainConfig.from_params({key: value})
+    with pytest.raises(PipelineError, match="fold_batch must be 1 with model.global_fusion: lstm"):
+        training.configure({"train": {"fold_batch": 0, "device": "cpu"}, "model": {"global_fusion": "lstm"}})
 
 
 def test_batches_cover_the_fold_once_without_singletons():
     rng = np.random.default_rng(0)
-    batches = train.epoch_batches(np.arange(65), 64, rng)
+    batches = training.epoch_batches(np.arange(65), 64, rng)
     assert [len(b) for b in batches] == [33, 32]
     assert sorted(np.concatenate(batches)) == list(range(65))
 
 
-def tiny_state(subjects: np.ndarray, frozen: bool, **train_params) -> dict:
-    """_STATE for run_folds on random data: cached stem maps (frozen; of each sample and of its
+def tiny_state(subjects: np.ndarray, frozen: bool, **train_params) -> training.FoldData:
+    """FoldData for run_folds on random data: cached stem maps (frozen; of each sample and of its
     mirror image) or raw inputs through the whole model (trainable), tiny head (d 16, blocks 2 x 2)."""
     from model import ModelConfig
 
     g = torch.Generator().manual_seed(0)
     n = len(subjects)
-    cfg = train.TrainConfig(**{"device": "cpu", "epochs": 1, "batch_size": 4, "lr_step": 1, **train_params})
+    cfg = training.TrainConfig(**{"device": "cpu", "epochs": 1, "batch_size": 4, "lr_step": 1,
+                                  **train_params})
     state = dict(train=cfg, model=ModelConfig(dim=16, block=2, freeze_stems=frozen),
                  device=torch.device("cpu"), labels=np.arange(n) % 3, num_classes=3, cached=frozen,
                  features_device=torch.device("cpu"),
@@ -135,16 +136,11 @@ def tiny_state(subjects: np.ndarray, frozen: bool, **train_params) -> dict:
         state.update(apex=torch.from_numpy(rng.integers(0, 256, (n, 224, 224, 3), dtype=np.uint8)),
                      flow=torch.from_numpy(rng.normal(0, 1, (n, 224, 224, 2)).astype(np.float32)),
                      landmarks=state["landmarks"][:n])
-    return state
+    return training.FoldData(**state)
 
 
-def run_tiny(state: dict, folds: list, workers: int = 1) -> list:
-    train._STATE.clear()
-    train._STATE.update(state)
-    try:
-        return train.run_folds(folds, workers, state["train"].epochs)
-    finally:
-        train._STATE.clear()
+def run_tiny(data: training.FoldData, folds: list, workers: int = 1) -> list:
+    return loso.run_folds(data, folds, workers)
 
 
 @pytest.mark.parametrize("frozen, fold_batch", [(True, 1), (False, 1), (True, 2)])
@@ -154,7 +150,7 @@ def test_results_do_not_depend_on_the_number_of_workers(frozen: bool, fold_batch
     single-thread process)."""
     subjects = np.array(["s1", "s2", "s3"] * 3)
     state = tiny_state(subjects, frozen, fold_batch=fold_batch)
-    folds = train.loso_splits(subjects, seed=3)
+    folds = training.loso_splits(subjects, seed=3)
     outs = [run_tiny(state, folds, workers) for workers in (1, 2)]
     for a, b in zip(*outs):
         assert a.probs.tobytes() == b.probs.tobytes() and a.losses == b.losses
@@ -170,7 +166,7 @@ def test_fold_batched_training_is_each_fold_trained_alone(frozen: bool, monkeypa
     monkeypatch.setattr("model.gcmif.DROPOUT", 0.0)
     subjects = np.array(["s1", "s2", "s3", "s1", "s2", "s3", "s1"])
     params = dict(epochs=2 if frozen else 1, batch_size=2, mirror=True, flow_jitter=0.1, balance_inputs=True)
-    folds = train.loso_splits(subjects, seed=3)
+    folds = training.loso_splits(subjects, seed=3)
     alone = run_tiny(tiny_state(subjects, frozen, fold_batch=1, **params), folds)
     together = run_tiny(tiny_state(subjects, frozen, fold_batch=0, **params), folds)
     for a, b in zip(alone, together):
@@ -184,16 +180,16 @@ def test_fold_batched_batches_hold_only_each_folds_training_samples(monkeypatch)
     """The rows of every fold-batched step (padding included) are the fold's training samples, never
     its test subject's; every training sample is used once per epoch with weight 1 / its batch size."""
     subjects = np.array(["s1", "s2", "s3", "s4"] * 2 + ["s1", "s2", "s1"])
-    folds = train.loso_splits(subjects, seed=0)
+    folds = training.loso_splits(subjects, seed=0)
     steps = []
-    step_batches = train._step_batches
+    step_batches = fold_batch.step_batches
 
     def recorded(*args):
         out = step_batches(*args)
         steps.append(out[:2])
         return out
 
-    monkeypatch.setattr(train, "_step_batches", recorded)
+    monkeypatch.setattr(fold_batch, "step_batches", recorded)
     run_tiny(tiny_state(subjects, True, fold_batch=0, batch_size=3, epochs=2), folds)
     assert len(steps) == 2 * 3  # the longest fold: 9 training samples in 3 batches, per epoch
     for k, fold in enumerate(folds):
@@ -203,9 +199,9 @@ def test_fold_batched_batches_hold_only_each_folds_training_samples(monkeypatch)
         used = rows[weights > 0]
         assert sorted(used) == sorted(np.tile(fold.train, 2))  # each sample once per epoch
         assert np.allclose(weights.sum(axis=1)[weights.sum(axis=1) > 0], 1.0)
-    bad = train.Fold(0, "s1", np.arange(4), np.array([3]), 0)
+    bad = training.Fold(0, "s1", np.arange(4), np.array([3]), 0)
     with pytest.raises(RuntimeError, match="test subject s1 is in its training samples"):
-        train._held_out(bad)
+        loso.held_out(bad)
 
 
 def test_masked_adamw_is_torch_adamw_per_fold():
@@ -216,7 +212,7 @@ def test_masked_adamw_is_torch_adamw_per_fold():
     alone = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(2)]
     stacked = torch.nn.Parameter(torch.stack([p.detach().clone() for p in alone]))
     optimisers = [torch.optim.AdamW([p], lr=0.01, weight_decay=0.1) for p in alone]
-    masked = train.MaskedAdamW([stacked], 2, lr=0.01, weight_decay=0.1)
+    masked = fold_batch.MaskedAdamW([stacked], 2, lr=0.01, weight_decay=0.1)
     for active in ([True, True], [True, False], [False, True], [True, True], [False, True]):
         grads = torch.randn(2, 5, 3)
         for k in range(2):
@@ -242,16 +238,13 @@ def test_fold_model_runs_end_to_end_like_the_cached_forward(mirror: bool):
               "flow": rng.normal(0, 1, (n, 224, 224, 2)).astype(np.float32),
               "landmarks": rng.uniform(20, 200, (n, 51, 4)).astype(np.float32),
               "label": np.array([0, 1, 2, 0, 1, 2])}
-    cfg = train.TrainConfig(device="cpu", epochs=1, batch_size=4, lr_step=1, mirror=mirror, flow_jitter=0.1,
-                            balance_inputs=mirror)
+    cfg = training.TrainConfig(device="cpu", epochs=1, batch_size=4, lr_step=1, mirror=mirror,
+                               flow_jitter=0.1, balance_inputs=mirror)
     model_cfg = ModelConfig(dim=16, block=2, freeze_stems=True, dropout=0.1, mirror_test=mirror)
-    train.setup_state(cfg, model_cfg, torch.device("cpu"), arrays, 3)
-    try:
-        assert len(train._STATE["af"]) == (2 * n if mirror else n)
-        net, losses, _ = train.fit_net(np.arange(4), seed=7, tick=False)
-        probs, _ = train.predict(net, np.arange(n))
-    finally:
-        train._STATE.clear()
+    data = training.FoldData.build(cfg, model_cfg, torch.device("cpu"), arrays, 3)
+    assert len(data.af) == (2 * n if mirror else n)
+    net, losses, _ = training.fit_net(data, np.arange(4), seed=7)
+    probs, _ = training.predict(data, net, np.arange(n))
     assert np.isfinite(losses).all()
     scales = [float(net.align[m].input_scale) for m in ("appearance", "motion")]
     assert (scales[0] != 1.0 and scales[1] != 1.0) if mirror else scales == [1.0, 1.0]
@@ -284,17 +277,17 @@ def test_composite_gets_per_dataset_scores_and_panels(tmp_path, monkeypatch):
              "predictions": "metrics/predictions.csv", "per_fold": "metrics/per_fold.csv",
              "features": "metrics/features.h5", "loss": "metrics/train_loss.csv",
              "confusion": "metrics/confusion.png"}
-    out = train.stage_paths("train", list(files), [f"--{name.replace('_', '-')}={tmp_path / file}"
+    out = stage_paths("train", list(files), [f"--{name.replace('_', '-')}={tmp_path / file}"
                                                    for name, file in files.items()])
-    loso = train.evaluate(params, out)
+    scores = loso.evaluate(params, out)
     y = np.array([0, 1, 2, 0, 1, 2, 0, 1])
     pred = np.array([r["pred"] for r in csv.DictReader(open(out.predictions))])
     classes = ["negative", "positive", "surprise"]
     for member in ("casme2", "smic"):
         rows = np.char.startswith(subjects, member)
         expected = metrics.pooled_scores(y[rows], [classes.index(p) for p in pred[rows]], classes)
-        assert loso["per_dataset"][member]["n"] == 4
-        assert loso["per_dataset"][member]["uf1"] == pytest.approx(expected["uf1"])
+        assert scores["per_dataset"][member]["n"] == 4
+        assert scores["per_dataset"][member]["uf1"] == pytest.approx(expected["uf1"])
     width = Image.open(tmp_path / "metrics/confusion.png").size[0]
     assert width > 2.5 * 100 * (1.2 * 3 + 2.5)  # three panels: composite, casme2, smic
 
@@ -319,15 +312,15 @@ def test_train_stage_end_to_end(train_project: Path):
     first = run(["dvc", "repro"], project)
     expected = ["baselines", "fit", "preprocessing_report", "train", "tsne"]
     assert sorted(ran_stages(first.stdout)) == expected, first.stdout
-    loso = json.loads((project / "metrics/loso.json").read_text())
+    scores = json.loads((project / "metrics/loso.json").read_text())
     assert {"uf1", "uar", "accuracy", "per_class", "per_fold_mean", "n_samples", "n_subjects", "n_folds",
-            "n_params"} <= set(loso)
+            "n_params"} <= set(scores)
     arrays, attrs = read_h5(project / "data/processed/synthetic.h5", ["label", "subject", "sample"])
     classes = json.loads(attrs["classes"])
-    assert loso["n_samples"] == len(arrays["label"])
-    assert loso["n_folds"] == loso["n_subjects"] == len(set(arrays["subject"]))
-    assert set(loso["per_class"]) == set(classes) and set(loso["per_fold_mean"]) == {"uf1", "uar"}
-    assert loso["n_params"] > 0
+    assert scores["n_samples"] == len(arrays["label"])
+    assert scores["n_folds"] == scores["n_subjects"] == len(set(arrays["subject"]))
+    assert set(scores["per_class"]) == set(classes) and set(scores["per_fold_mean"]) == {"uf1", "uar"}
+    assert scores["n_params"] > 0
 
     # pooled UF1 / UAR recomputed independently from the predictions CSV
     with open(project / "metrics/predictions.csv") as f:
@@ -339,9 +332,9 @@ def test_train_stage_end_to_end(train_project: Path):
         probs = [float(r[f"p_{c}"]) for c in classes]
         assert sum(probs) == pytest.approx(1, abs=1e-5) and r["pred"] == classes[int(np.argmax(probs))]
     y_true, y_pred = [r["true"] for r in rows], [r["pred"] for r in rows]
-    assert loso["uf1"] == pytest.approx(f1_score(y_true, y_pred, labels=classes, average="macro",
+    assert scores["uf1"] == pytest.approx(f1_score(y_true, y_pred, labels=classes, average="macro",
                                                  zero_division=0), abs=1e-6)
-    assert loso["uar"] == pytest.approx(recall_score(y_true, y_pred, labels=classes, average="macro",
+    assert scores["uar"] == pytest.approx(recall_score(y_true, y_pred, labels=classes, average="macro",
                                                      zero_division=0), abs=1e-6)
     with open(project / "metrics/train_loss.csv") as f:
         curve = list(csv.DictReader(f))
@@ -379,7 +372,7 @@ def test_train_stage_end_to_end(train_project: Path):
 
 
 def test_baselines_stage_scores_linear_probes_on_the_same_folds(train_project: Path):
-    from stages.baselines import cell_features, landmark_features
+    from mer.probes import cell_features, landmark_features
 
     run(["dvc", "repro", "baselines"], train_project)
     scores = json.loads((train_project / "metrics/baselines.json").read_text())
@@ -410,8 +403,8 @@ def test_fit_stage_writes_a_final_model_that_predicts_like_its_card_says(train_p
                             ["apex", "flow", "landmarks", "label", "subject"])
     assert info["classes"] == card["classes"] == json.loads(attrs["classes"])
     assert card["n_samples"] == len(arrays["label"]) and card["n_subjects"] == len(set(arrays["subject"]))
-    loso = json.loads((train_project / "metrics/loso.json").read_text())
-    assert card["loso"]["uf1"] == loso["uf1"] and len(card["params_sha256"]) == 64
+    scores = json.loads((train_project / "metrics/loso.json").read_text())
+    assert card["loso"]["uf1"] == scores["uf1"] and len(card["params_sha256"]) == 64
     assert info["params"]["magnify"] == load_params()["magnify"] and "frames" in info["params"]
     with torch.no_grad():
         probs = torch.softmax(net(*prepare_batch(arrays["apex"], arrays["flow"], arrays["landmarks"],

@@ -3,7 +3,7 @@
 The network, its training data (scenes the project renders itself: exact ground truth, seeded) and
 its trainer. Stage `train_magnifier` (stages/train_magnifier.py, pipeline magnification/dvc.yaml)
 writes the weights to `magnify.weights` atomically, same params → same bytes;
-`magnify.method: learned` (stages/magnify.py) loads them.
+`magnify.method: learned` (mer/magnify.py) loads them.
 
 Network after the official code (12dmodel/deep_motion_mag, MIT), static two-frame mode
 (reference = onset): encoder → texture (1/4 res) and shape (1/2 res) representations, manipulator

@@ -1,9 +1,9 @@
 """`predict` (console script `mer-predict`): classify new clips with the final model of stage `fit`.
 
-    python -m stages.predict --onset a.jpg --apex b.jpg               # two images
-    python -m stages.predict --clip FOLDER --onset 46 --apex 59       # frame numbers as in the file names
-    python -m stages.predict --clip clip.mp4 --onset 0 --apex 12      # a video: 0-based frame indices
-    python -m stages.predict --csv clips.csv --out predictions.csv    # many clips
+    python -m model.predict --onset a.jpg --apex b.jpg               # two images
+    python -m model.predict --clip FOLDER --onset 46 --apex 59       # frame numbers as in the file names
+    python -m model.predict --clip clip.mp4 --onset 0 --apex 12      # a video: 0-based frame indices
+    python -m model.predict --csv clips.csv --out predictions.csv    # many clips
     ... --explain out.png                                             # one clip: a picture of why
 
 A clip goes through the stages' own per-sample code (mer/preprocess.py) with the params stored in
@@ -27,12 +27,12 @@ import numpy as np
 import torch
 
 from mer.common import PipelineError, atomic_path, run_main, save_figure, single_threaded
+from mer.frames import FrameJob, read_pair
 from mer.preprocess import FaceModels, face_models, preprocess_pair
 from model import prepare_batch
 from model.checkpoint import load_checkpoint
 from model.lamif import SCSA
 from model.mihf_tr import MiHFTr
-from stages.frames import FrameJob, read_pair
 
 DEFAULT_MODEL = Path("models/mihf_tr.pt")
 IMAGE_SUFFIXES = {".bmp", ".jpeg", ".jpg", ".png", ".pbm", ".pgm", ".ppm", ".tif", ".tiff", ".webp"}

@@ -1,4 +1,5 @@
-"""Reports of the paper beyond the LOSO scores, `python -m stages.report {tsne,wilcoxon,seeds} ...`.
+"""Reports of the paper beyond the LOSO scores: t-SNE with ARa / AEr (stage `tsne`, stages/tsne.py) and, from
+the command line, `python -m mer.reports {wilcoxon,seeds} ...`.
 
 tsne (paper §4.3, Figure 4): t-SNE of the out-of-fold fused features F_ME written by the train stage
 (`data/features.h5`: every sample embedded by the model of the fold that held its subject out),
@@ -286,14 +287,8 @@ def format_seed_spread(result: dict[str, Any]) -> str:
 # ---- command line ---------------------------------------------------------------------------------
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m stages.report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mer.reports", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("tsne", help="t-SNE of the out-of-fold fused features, ARa / AEr")
-    t.add_argument("--features", type=Path, required=True, help="out-of-fold features (train's output)")
-    t.add_argument("--out", type=Path, required=True,
-                   help="png to write, the numbers go beside it as .json (dvc.yaml: metrics/tsne.png)")
-    t.add_argument("--perplexity", type=float, default=30.0)
-    t.add_argument("--seed", type=int, default=0)
     w = sub.add_parser("wilcoxon", help="paired Wilcoxon test of two per_fold.csv (A vs B)")
     w.add_argument("a", type=Path, help="per_fold.csv of variant A (e.g. the baseline)")
     w.add_argument("b", type=Path, help="per_fold.csv of variant B")
@@ -309,14 +304,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.command == "tsne":
-        if args.out.suffix != ".png":
-            raise PipelineError(f"--out must be a .png path, got {args.out}")
-        report = tsne_report(args.features, args.out, args.perplexity, args.seed)
-        print(f"tsne: {report['n_samples']} samples, t-SNE ARa {report['ara']:.4f}, AEr {report['aer']:.4f}; "
-              f"L2-normalised F_ME ARa {report['feature_ara']:.4f}, AEr {report['feature_aer']:.4f} "
-              f"-> {args.out}, {args.out.with_suffix('.json')}")
-        return
     if args.command == "seeds":
         result = seed_spread(args.predictions)
         print(format_seed_spread(result))

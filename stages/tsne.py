@@ -1,0 +1,34 @@
+"""Stage `tsne` (dvc.yaml): t-SNE of the out-of-fold fused features F_ME with ARa / AEr (paper §4.3).
+
+The algorithm lives in mer/reports.py; this module reads the paths, calls it and writes `--out` (png)
+and the same path with `.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from mer.common import PipelineError, run_main
+from mer.reports import tsne_report
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.tsne", description=__doc__.split("\n")[0])
+    parser.add_argument("--features", type=Path, required=True, help="out-of-fold features (train's output)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="png to write, the numbers go beside it as .json (dvc.yaml: metrics/tsne.png)")
+    parser.add_argument("--perplexity", type=float, default=30.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.out.suffix != ".png":
+        raise PipelineError(f"--out must be a .png path, got {args.out}")
+    report = tsne_report(args.features, args.out, args.perplexity, args.seed)
+    print(f"tsne: {report['n_samples']} samples, t-SNE ARa {report['ara']:.4f}, AEr {report['aer']:.4f}; "
+          f"L2-normalised F_ME ARa {report['feature_ara']:.4f}, AEr {report['feature_aer']:.4f} "
+          f"-> {args.out}, {args.out.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    run_main(main)
