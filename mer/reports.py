@@ -27,7 +27,7 @@ scored the same by both) are dropped by the default `--zero-method wilcox`, as i
 seeds (run-to-run spread): the `metrics/predictions.csv` of runs that differ only in `train.seed`
 (same dataset and splits): each run's pooled UF1 / UAR, their mean and standard deviation (ddof 1),
 and the pooled scores of the runs' mean class probabilities (an ensemble of the runs' fold models).
-On ~100 samples one run's UF1 moves by several hundredths with the seed (docs/model.md): compare
+On ~100 samples one run's UF1 moves by several hundredths with the seed (docs/experiments.md): compare
 recipes by the mean over seeds, not by one run.
 """
 

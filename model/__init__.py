@@ -26,7 +26,7 @@ transformer and the GCN is fixed by the paper's numbers (l, B, d, 51 nodes, 3 x 
 transformer was sized to land near the paper's total: 1 layer with a feed-forward of 2d = 512 (with
 the shared-weight GCN of Kipf & Welling the total was -1.9%; 2 layers would give +17%). The GCN's
 first layer has weights per landmark (`model.gcn_weights: node`, chosen on development data,
-docs/model.md), +89,600 over a shared one. With frozen stems (the CPU default) 2,993,998 are trained.
+docs/experiments.md), +89,600 over a shared one. With frozen stems (the CPU default) 2,993,998 are trained.
 """
 
 from model.loss import build_loss, class_weights

@@ -37,7 +37,7 @@ def block_embedding(channels: int, dim: int, block: int, init: str) -> nn.Linear
     Linear (torch's init, fan-in C) applied to the block's mean over its B*B cells, i.e. each channel's
     weight repeated over the cells / B^2. It starts from what the block holds on average and learns a
     spatial pattern only where the data asks for one: with random stems most of the 4096 values are
-    within-block detail, and a probe on them scores below one on their means (docs/model.md)."""
+    within-block detail, and a probe on them scores below one on their means (docs/experiments.md)."""
     if init not in BLOCK_INITS:
         raise ValueError(f"block_init must be one of {list(BLOCK_INITS)}, got {init!r}")
     proj = nn.Linear(block * block * channels, dim)
