@@ -98,41 +98,65 @@ def tsne_embedding(features: np.ndarray, perplexity: float, seed: int) -> tuple[
     return tsne.fit_transform(np.asarray(features, dtype=np.float64)), perplexity
 
 
-def tsne_report(features_path: Path, out_png: Path, perplexity: float = 30.0,
-                seed: int = 0) -> dict[str, Any]:
-    arrays, attrs = read_h5(features_path, ["features", "label"])
+def tsne_view(features_path: Path, perplexity: float,
+              seed: int) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """(ARa / AEr numbers, unit-RMS t-SNE points, labels) of one features file. `subject_ara`: ARa with
+    the subjects as the groups (how tightly each subject's points sit together, on the same scale)."""
+    arrays, attrs = read_h5(features_path, ["features", "label", "subject"])
     features, labels = arrays["features"], arrays["label"].astype(np.int64)
     classes = class_names(attrs)
     if features.ndim != 2 or len(features) != len(labels):
         raise PipelineError(f"{features_path}: features {features.shape} do not match {len(labels)} labels")
     embedding, used_perplexity = tsne_embedding(features, perplexity, seed)
-    on_tsne = class_distances(unit_rms(embedding), labels)
+    points = unit_rms(embedding)
+    on_tsne = class_distances(points, labels)
     on_features = class_distances(l2_rows(features), labels)
+    subjects = np.unique(np.asarray(arrays["subject"]).astype(str), return_inverse=True)[1]
     report = {
         "ara": on_tsne["ara"],
         "aer": on_tsne["aer"],
         "feature_ara": on_features["ara"],
         "feature_aer": on_features["aer"],
+        "subject_ara": class_distances(points, subjects)["ara"] if subjects.max() > 0 else 0.0,
         "ara_per_class": {classes[c]: d for c, d in on_tsne["intra"].items()},
         "n_samples": int(len(labels)),
         "dim": int(features.shape[1]),
         "perplexity": used_perplexity,
         "seed": int(seed),
     }
+    return report, points, labels
+
+
+def tsne_report(features_path: Path, out_png: Path, perplexity: float = 30.0, seed: int = 0,
+                one_model_path: Path | None = None) -> dict[str, Any]:
+    """The out-of-fold view (features_path: each subject through the fold model that held it out,
+    each fold model its own feature space) and, with `one_model_path`, the one-model view (every
+    sample through the final model, in-sample) under `one_model`; one panel each in `out_png`."""
+    report, points, labels = tsne_view(features_path, perplexity, seed)
+    attrs = read_h5(features_path, [])[1]
+    classes = class_names(attrs)
     model = json.loads(attrs["model"]) if "model" in attrs else {}
-    title = (f"{attrs.get('dataset', features_path.stem)} out-of-fold F_ME"
-             + (f" ({' + '.join(model['modalities'])})" if model.get("modalities") else "")
-             + f"\nt-SNE: ARa {report['ara']:.3f}, AEr {report['aer']:.3f} (unit RMS radius)")
-    plot_tsne(out_png, unit_rms(embedding), labels, classes, title)
+    name = (f"{attrs.get('dataset', features_path.stem)}"
+            + (f" ({' + '.join(model['modalities'])})" if model.get("modalities") else ""))
+    panels = [(points, labels, f"{name}: out-of-fold F_ME (one model per fold)", report)]
+    if one_model_path is not None:
+        one, one_points, one_labels = tsne_view(one_model_path, perplexity, seed)
+        report["one_model"] = one
+        panels.append((one_points, one_labels, f"{name}: one model (stage fit), in-sample F_ME", one))
+    fig, axes = new_figure(1, len(panels), figsize=(6 * len(panels), 5.5), squeeze=False)
+    for ax, (xy, y, title, numbers) in zip(axes[0], panels):
+        plot_tsne(ax, xy, y, classes, f"{title}\nt-SNE: ARa {numbers['ara']:.3f}, AEr {numbers['aer']:.3f}, "
+                  f"by subject ARa {numbers['subject_ara']:.3f} (unit RMS radius)")
+    fig.tight_layout()
+    save_figure(fig, out_png)
     with atomic_path(out_png.with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps(round_floats(report), sort_keys=True, indent=2) + "\n")
     return report
 
 
-def plot_tsne(path: Path, points: np.ndarray, labels: np.ndarray, classes: list[str], title: str) -> None:
+def plot_tsne(ax: Any, points: np.ndarray, labels: np.ndarray, classes: list[str], title: str) -> None:
     from matplotlib import colormaps
 
-    fig, ax = new_figure(figsize=(6, 5.5))
     colours = colormaps["tab10"]
     for c, name in enumerate(classes):
         mask = labels == c
@@ -143,8 +167,6 @@ def plot_tsne(path: Path, points: np.ndarray, labels: np.ndarray, classes: list[
     ax.set_yticks([])
     ax.legend(fontsize=8, loc="best")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    save_figure(fig, path)
 
 
 # ---- Wilcoxon -------------------------------------------------------------------------------------

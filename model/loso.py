@@ -47,7 +47,7 @@ import queue
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -213,9 +213,8 @@ def evaluate(params: dict, out: Any) -> dict[str, Any]:
     write_json(out.loso, metrics)
     write_predictions(out.predictions, subjects, np.asarray(arrays["sample"]), labels, probs, classes)
     write_per_fold(out.per_fold, labels, y_pred, folds)
-    write_features(out.features, features, subjects, np.asarray(arrays["sample"]), labels, y_pred,
-                   {"classes": classes, "dataset": str(name),
-                    "model": asdict(model_cfg)})
+    write_h5(out.features, feature_table(features, subjects, np.asarray(arrays["sample"]), labels, y_pred),
+             {"classes": classes, "dataset": str(name), "model": asdict(model_cfg)})
     write_loss_curve(out.loss, results)
     panels = [(confusion_matrix(labels, y_pred, len(classes)),
                f"{name} LOSO, pooled: UF1 {scores['uf1']:.4f}, UAR {scores['uar']:.4f}")]
@@ -268,11 +267,12 @@ def write_per_fold(path: Path, y_true: np.ndarray, y_pred: np.ndarray, folds: li
             writer.writerow([fold.subject, len(fold.test), *(f"{v:.6f}" for v in (uf1, uar, accuracy))])
 
 
-def write_features(path: Path, features: np.ndarray, subjects: np.ndarray, samples: np.ndarray,
-                   y_true: np.ndarray, y_pred: np.ndarray, attrs: dict[str, Any]) -> None:
-    write_h5(path, {"features": features.astype(np.float32), "subject": np.asarray(subjects).astype(str),
-                    "sample": np.asarray(samples).astype(str), "label": y_true.astype(np.int64),
-                    "pred": y_pred.astype(np.int64)}, attrs)
+def feature_table(features: np.ndarray, subjects: np.ndarray, samples: np.ndarray, y_true: np.ndarray,
+                  y_pred: np.ndarray) -> dict[str, np.ndarray]:
+    """The arrays of a features file (`data/features.h5`, `data/fit_features.h5`)."""
+    return {"features": features.astype(np.float32), "subject": np.asarray(subjects).astype(str),
+            "sample": np.asarray(samples).astype(str), "label": y_true.astype(np.int64),
+            "pred": y_pred.astype(np.int64)}
 
 
 def write_loss_curve(path: Path, results: list[FoldResult]) -> None:
@@ -313,18 +313,31 @@ def params_hash(params: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def fit_final(params: dict[str, Any], h5_path: Path) -> tuple[MiHFTr, dict[str, Any], list[str]]:
+@dataclass
+class FinalModel:
+    net: MiHFTr
+    card: dict[str, Any]  # the model card, without the LOSO metrics
+    classes: list[str]
+    features: dict[str, np.ndarray]  # feature_table of every training sample through this one model
+    features_attrs: dict[str, Any]
+
+
+def fit_final(params: dict[str, Any], h5_path: Path) -> FinalModel:
     """The final model, trained on ALL subjects with the LOSO recipe (same params, fixed epochs,
     augmentation and shared stems as every fold; the head seeded from (train.seed, 2), a stream no
-    fold uses; nothing chosen on any score): (model, model card without metrics, classes)."""
+    fold uses; nothing chosen on any score), with the fused feature F_ME it gives every sample
+    (in-sample, eval mode: one feature space for all subjects, the t-SNE's one-model view)."""
     cfg, model_cfg, device = configure(params)
     arrays, attrs, classes = load_processed(h5_path)
     data = FoldData.build(cfg, model_cfg, device, arrays, len(classes))
+    everyone, seed = np.arange(len(arrays["label"])), derive_seed(cfg.seed, 2)
     with _threads(torch.device("cpu"), 1):  # as the LOSO folds: the same bytes on any machine
-        net, losses, _ = fit_net(data, np.arange(len(arrays["label"])), derive_seed(cfg.seed, 2))
+        net, losses, _ = fit_net(data, everyone, seed)
+        probs, features = predict(data, net, everyone, data.generator(seed, 2))
     labels = arrays["label"].astype(np.int64)
+    dataset = str(attrs.get("dataset", h5_path.stem))
     card = {
-        "dataset": str(attrs.get("dataset", h5_path.stem)),
+        "dataset": dataset,
         "n_samples": int(len(labels)),
         "n_subjects": int(len(np.unique(arrays["subject"]))),
         "class_counts": {c: int((labels == i).sum()) for i, c in enumerate(classes)},
@@ -333,4 +346,7 @@ def fit_final(params: dict[str, Any], h5_path: Path) -> tuple[MiHFTr, dict[str, 
         "final_train_loss": round(float(losses[-1]), 6),
         "params_sha256": params_hash(params),
     }
-    return net.cpu(), card, classes
+    table = feature_table(features, arrays["subject"], arrays["sample"], labels, probs.argmax(axis=1))
+    features_attrs = {"classes": classes, "dataset": dataset, "model": asdict(model_cfg),
+                      "view": "the final model (stage fit), in-sample"}
+    return FinalModel(net.cpu(), card, classes, table, features_attrs)

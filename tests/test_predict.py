@@ -55,7 +55,8 @@ def model_file(project: dict, tiny_project: Path, tmp_path_factory: pytest.TempP
     arrays, attrs = read_h5(tiny_project / "data" / "processed" / "synthetic.h5")
     keep = np.setdiff1d(np.arange(len(arrays["label"])), ROWS)
     write_h5(folder / "train.h5", {k: v[keep] for k, v in arrays.items()}, attrs)
-    net, card, classes = fit_final(project["params"], folder / "train.h5")
+    final = fit_final(project["params"], folder / "train.h5")
+    net, card, classes = final.net, final.card, final.classes
     path = folder / "mihf_tr.pt"
     save_checkpoint(path, net, classes, project["params"], card)
     return path, net

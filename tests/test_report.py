@@ -216,13 +216,18 @@ def test_tsne_stage_writes_png_and_json(report_project: Path):
             "seed"} <= set(data)
     assert data["n_samples"] == len(read_h5(project / "data/features.h5", ["label"])[0]["label"])
     assert 0 < data["ara"] and 0 < data["aer"] and 0 <= data["feature_ara"] <= 2
+    # the one-model view: every sample through the final model (stage fit), same keys, same samples
+    one = data["one_model"]
+    assert set(one) == set(data) - {"one_model"} and one["n_samples"] == data["n_samples"]
+    assert 0 < one["subject_ara"] and 0 < data["subject_ara"] and one["aer"] > 0
+    assert read_h5(project / "data/fit_features.h5", [])[1]["view"].startswith("the final model")
     shown = run(["dvc", "metrics", "show", "--json"], project).stdout
     assert "metrics/tsne.json" in shown and "aer" in shown
 
     # the command by hand: another path, same seed -> the same numbers
     out = project / "reports" / "again.png"
     result = run(["python", "-m", "stages.tsne", "--features", "data/features.h5",
-                  "--out", str(out)], project)
+                  "--one-model", "data/fit_features.h5", "--out", str(out)], project)
     assert "ARa" in result.stdout and out.read_bytes()[:4] == b"\x89PNG"
     assert json.loads(out.with_suffix(".json").read_text()) == data
     assert ran_nothing(run(["dvc", "repro"], project).stdout)

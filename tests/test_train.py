@@ -410,6 +410,13 @@ def test_fit_stage_writes_a_final_model_that_predicts_like_its_card_says(train_p
         probs = torch.softmax(net(*prepare_batch(arrays["apex"], arrays["flow"], arrays["landmarks"],
                                                  "cpu")), -1)
     assert probs.shape == (len(arrays["label"]), len(info["classes"])) and torch.isfinite(probs).all()
+    # its in-sample F_ME (the one-model t-SNE view): every sample, in order, predicted as the model does
+    fitted, fit_attrs = read_h5(train_project / "data/fit_features.h5")
+    assert list(fitted["subject"]) == list(arrays["subject"]) and np.isfinite(fitted["features"]).all()
+    top2 = torch.topk(probs, 2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1] > 1e-4).numpy()
+    assert clear.any() and (fitted["pred"][clear] == probs.argmax(-1).numpy()[clear]).all()
+    assert json.loads(fit_attrs["classes"]) == info["classes"]
     # a predict-only change (no params of fit) reruns nothing; retraining gives the same bytes
     before = (train_project / "models/mihf_tr.pt").read_bytes()
     assert "fit" not in ran_stages(run(["dvc", "repro", "fit"], train_project).stdout)
