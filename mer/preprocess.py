@@ -1,5 +1,6 @@
-"""One clip's preprocessing in memory: the per-sample functions of stages frames, magnify, flow and
-landmarks, called in the stages' order with the same params sections.
+"""One clip's preprocessing in memory: the per-sample functions that stages frames, magnify, flow and
+landmarks run (mer/frames.py, magnify.py, flow.py, landmarks.py), in the stages' order with the same
+params sections.
 
 The stages run one step over every sample at a time (one HDF5 file per step); `predict` and the
 benchmarks need every step for one sample. Both call the same functions, so a clip preprocessed here

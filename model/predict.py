@@ -6,7 +6,7 @@
     python -m model.predict --csv clips.csv --out predictions.csv    # many clips
     ... --explain out.png                                             # one clip: a picture of why
 
-A clip goes through the stages' own per-sample code (mer/preprocess.py) with the params stored in
+A clip goes through the pipeline's own per-sample code (mer/preprocess.py) with the params stored in
 the model file, so it is preprocessed exactly as the training data was. One clip prints JSON: class,
 probabilities, face box (onset-frame pixels: left, top, right, bottom) and milliseconds per step.
 Not a pipeline stage: changing this file reruns nothing.
