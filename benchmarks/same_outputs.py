@@ -63,10 +63,6 @@ def outputs(rev: str, params: dict, scratch: Path) -> dict[str, str]:
             for name in COMPARED}
 
 
-def parse_value(text: str) -> object:
-    return yaml.safe_load(text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.same_outputs", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,7 +81,7 @@ def main() -> None:
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = parse_value(value)
+        node[leaf] = yaml.safe_load(value)
         params = merge(params, update)
     with tempfile.TemporaryDirectory(prefix="same_outputs_") as scratch:
         a, b = (outputs(rev, params, Path(scratch)) for rev in (args.rev_a, args.rev_b))

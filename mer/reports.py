@@ -99,9 +99,10 @@ def tsne_embedding(features: np.ndarray, perplexity: float, seed: int) -> tuple[
 
 
 def tsne_view(features_path: Path, perplexity: float,
-              seed: int) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    """(ARa / AEr numbers, unit-RMS t-SNE points, labels) of one features file. `subject_ara`: ARa with
-    the subjects as the groups (how tightly each subject's points sit together, on the same scale)."""
+              seed: int) -> tuple[dict[str, Any], np.ndarray, np.ndarray, dict[str, Any]]:
+    """(ARa / AEr numbers, unit-RMS t-SNE points, labels, the file's attrs) of one features file.
+    `subject_ara`: ARa with the subjects as the groups (how tightly each subject's points sit
+    together, on the same scale)."""
     arrays, attrs = read_h5(features_path, ["features", "label", "subject"])
     features, labels = arrays["features"], arrays["label"].astype(np.int64)
     classes = class_names(attrs)
@@ -124,7 +125,7 @@ def tsne_view(features_path: Path, perplexity: float,
         "perplexity": used_perplexity,
         "seed": int(seed),
     }
-    return report, points, labels
+    return report, points, labels, attrs
 
 
 def tsne_report(features_path: Path, out_png: Path, perplexity: float = 30.0, seed: int = 0,
@@ -132,15 +133,14 @@ def tsne_report(features_path: Path, out_png: Path, perplexity: float = 30.0, se
     """The out-of-fold view (features_path: each subject through the fold model that held it out,
     each fold model its own feature space) and, with `one_model_path`, the one-model view (every
     sample through the final model, in-sample) under `one_model`; one panel each in `out_png`."""
-    report, points, labels = tsne_view(features_path, perplexity, seed)
-    attrs = read_h5(features_path, [])[1]
+    report, points, labels, attrs = tsne_view(features_path, perplexity, seed)
     classes = class_names(attrs)
     model = json.loads(attrs["model"]) if "model" in attrs else {}
     name = (f"{attrs.get('dataset', features_path.stem)}"
             + (f" ({' + '.join(model['modalities'])})" if model.get("modalities") else ""))
     panels = [(points, labels, f"{name}: out-of-fold F_ME (one model per fold)", report)]
     if one_model_path is not None:
-        one, one_points, one_labels = tsne_view(one_model_path, perplexity, seed)
+        one, one_points, one_labels, _ = tsne_view(one_model_path, perplexity, seed)
         report["one_model"] = one
         panels.append((one_points, one_labels, f"{name}: one model (stage fit), in-sample F_ME", one))
     fig, axes = new_figure(1, len(panels), figsize=(6 * len(panels), 5.5), squeeze=False)
