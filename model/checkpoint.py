@@ -26,7 +26,7 @@ import torch
 from mer.common import PipelineError, atomic_path, package_versions
 from model.mihf_tr import MiHFTr, ModelConfig
 
-FORMAT = 1
+FORMAT = 2  # 2: state_dict holds gcn.displacement_scale (the fold-set displacement unit)
 KEYS = ("format", "model_config", "num_classes", "classes", "state_dict", "params", "versions", "extra")
 PREPROCESSING = ("frames", "magnify", "flow", "landmarks")
 DATA_KEYS = ("dataset", "classes")

@@ -26,10 +26,11 @@ Two choices, measured on development data (docs/model.md, "The geometry path"):
 
 Node input (6 features, from the 4 columns x_onset, y_onset, x_apex, y_apex in crop pixels):
 the four coordinates centred and scaled to [-1, 1] ((p - 112) / 112), and the apex - onset
-displacement divided by DISPLACEMENT_SCALE_PX (/112 would make it vanish next to the positions).
-It was 2 px while the flow went to the ×3 magnified apex; the flow now goes to the apex as filmed
-(`magnify.method: none`, docs/pipeline.md), so 2/3 px keeps the same numbers for the same movement
-(hard development set, train.seed 0: 0.755 with 2 px, 0.848 with 2/3 px).
+displacement times `displacement_scale` (/112 would make it vanish next to the positions): 1 /
+DISPLACEMENT_SCALE_PX, 2/3 px (chosen on the hard development set, where 2 px gave 0.755 and 2/3 px
+0.848), or, with `train.balance_geometry`, 1 / the RMS displacement of the fold's training samples,
+set per fold as `balance_inputs` scales LAMiF's blocks (hard set +0.05 / +0.04 / 0.00 at train.seed
+0 / 1 / 2, SAMM -0.06 / -0.04 / +0.05: no help on the real data, off by default; docs/experiments.md).
 """
 
 from __future__ import annotations
@@ -94,11 +95,16 @@ def track_apex(landmarks: Tensor, flow: Tensor, window: int = TRACK_WINDOW_PX) -
     return torch.cat([onset, onset + moved[..., 0].transpose(1, 2)], dim=-1)  # B x 51 x 4
 
 
-def node_features(landmarks: Tensor) -> Tensor:
-    """B x 51 x 4 crop pixels -> B x 51 x 6 (centred positions, scaled displacement)."""
+def displacements(landmarks: Tensor) -> Tensor:
+    """B x 51 x 4 (onset x, y, apex x, y) -> B x 51 x 2 apex - onset, pixels."""
+    return landmarks[..., 2:4] - landmarks[..., 0:2]
+
+
+def node_features(landmarks: Tensor,
+                  displacement_scale: Tensor | float = 1 / DISPLACEMENT_SCALE_PX) -> Tensor:
+    """B x 51 x 4 crop pixels -> B x 51 x 6 (centred positions, displacement x displacement_scale)."""
     pos = (landmarks - HALF) / HALF
-    disp = (landmarks[..., 2:4] - landmarks[..., 0:2]) / DISPLACEMENT_SCALE_PX
-    return torch.cat([pos, disp], dim=-1)
+    return torch.cat([pos, displacements(landmarks) * displacement_scale], dim=-1)
 
 
 class NodeLinear(nn.Module):
@@ -134,6 +140,9 @@ class GCN(nn.Module):
                  else nn.Linear(in_features, dim))
         self.linears = nn.ModuleList([first, *(nn.Linear(a, b) for a, b in zip(dims[1:-1], dims[2:]))])
         self.relu = activation == "relu"
+        # 1 / the displacement unit: 1 / DISPLACEMENT_SCALE_PX, or 1 / the training samples' RMS
+        # displacement (train.balance_geometry sets it per fold)
+        self.register_buffer("displacement_scale", torch.tensor(1 / DISPLACEMENT_SCALE_PX))
 
     def adjacency(self) -> Tensor:
         """Normalised adjacency D^-1/2 (A + I) D^-1/2, 51 x 51."""
@@ -148,7 +157,7 @@ class GCN(nn.Module):
 
     def forward(self, landmarks: Tensor) -> Tensor:
         adj = self.adjacency()
-        h = node_features(landmarks)  # B x 51 x 6
+        h = node_features(landmarks, self.displacement_scale)  # B x 51 x 6
         for i, lin in enumerate(self.linears):
             h = adj @ lin(h)  # B x 51 x d  (eq. 2, one graph convolution)
             if self.relu and i < len(self.linears) - 1:

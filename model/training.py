@@ -40,6 +40,7 @@ from tqdm import tqdm
 from mer.common import PipelineError
 from model import MiHFTr, ModelConfig, build_loss, count_parameters, prepare_batch
 from model.augment import mirror_flow, mirror_images, mirror_landmarks
+from model.gcn import displacements
 from model.mihf_tr import model_inputs
 
 
@@ -58,6 +59,8 @@ class TrainConfig:
     mirror: bool = False  # horizontal mirror of apex, flow (u negated) and landmarks, p = 0.5
     flow_jitter: float = 0.0  # flow magnitude x exp(U(-j, j)) per training sample
     balance_inputs: bool = False  # scale each modality's blocks to unit RMS on the training samples
+    balance_geometry: bool = False  # the GCN's landmark displacements in units of their RMS on the training
+    # samples (off: DISPLACEMENT_SCALE_PX, model/gcn.py)
     stem_batch: int = 16  # samples per batch when caching frozen stem features (memory only)
     fold_batch: int = 1  # folds trained together as one stacked model; 1 = one at a time, 0 = all
     amp: str = "none"  # none | bf16 (autocast of the forward)
@@ -84,7 +87,7 @@ class TrainConfig:
             low = 0 if name in ("seed", "fold_batch") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise PipelineError(f"train.{name} must be an integer >= {low}, got {value!r}")
-        for name in ("mirror", "balance_inputs", "channels_last"):
+        for name in ("mirror", "balance_inputs", "balance_geometry", "channels_last"):
             if not isinstance(getattr(self, name), bool):
                 raise PipelineError(f"train.{name} must be true or false, got {getattr(self, name)!r}")
         for name, low in (("lr", 0.0), ("lr_gamma", 0.0), ("weight_decay", 0.0), ("flow_jitter", 0.0)):
@@ -283,18 +286,22 @@ class FoldData:
 
     def fold_start(self, train_idx: np.ndarray,
                    seed: int) -> tuple[MiHFTr, np.random.Generator, torch.Generator]:
-        """A fresh model (the shared stems, a head initialised from `seed`, `train.balance_inputs` scales
-        from the training samples) in train mode, with the fold's random streams: numpy for the batch
-        order and augmentation, torch for the landmark jitter. Dropout draws from torch's global RNG."""
+        """A fresh model (the shared stems, a head initialised from `seed`, `train.balance_inputs` /
+        `balance_geometry` scales from the training samples) in train mode, with the fold's random
+        streams: numpy for the batch order and augmentation, torch for the landmark jitter. Dropout
+        draws from torch's global RNG."""
         torch.manual_seed(seed)  # initialisation, dropout
         net = MiHFTr(self.model, self.num_classes)
         net.load_state_dict(self.stem_state, strict=False)  # the stems that made the cached AF / MF
         net.to(self.device)
         if self.train.channels_last and not self.cached:
             net.to(memory_format=torch.channels_last)
-        if self.train.balance_inputs:
+        if self.train.balance_inputs or self.train.balance_geometry:
             for modality, rms in self.map_rms(net, train_idx).items():
-                net.align[modality].input_scale.fill_(1.0 / max(rms, 1e-12))
+                if modality == "geometry" and self.train.balance_geometry:
+                    net.gcn.displacement_scale.fill_(1.0 / max(rms, 1e-12))
+                elif modality != "geometry" and self.train.balance_inputs:
+                    net.align[modality].input_scale.fill_(1.0 / max(rms, 1e-12))
         return net.train(), np.random.default_rng(seed), self.generator(seed, 1)
 
     def epoch_plan(self, train_idx: np.ndarray,
@@ -314,21 +321,25 @@ class FoldData:
         return np.bincount(self.labels[train_idx], minlength=self.num_classes)
 
     def map_rms(self, net: MiHFTr, idx: np.ndarray) -> dict[str, float]:
-        """Root mean square of the appearance / motion feature maps (AF, MF) over samples idx, as the
-        stems give them before training (the cached maps, or the stems run once without gradients)."""
+        """Root mean square over samples idx of the appearance / motion feature maps (AF, MF), as the
+        stems give them before training (the cached maps, or the stems run once without gradients), and
+        of the head's landmark displacements (geometry: apex - onset, px)."""
         total: dict[str, float] = {}
         batch = self.train.batch_size
         net.eval()  # batch norm of trainable stems: statistics untouched
         with torch.no_grad():
             for start in range(0, len(idx), batch):
-                a, b, _ = self.inputs(idx[start:start + batch])
+                a, b, lm = self.inputs(idx[start:start + batch])
                 if not self.cached:
-                    a, b = net.stems(a, b)
+                    a, b, lm = run_stems(net, a, b, lm)
                 for modality, fmap in (("appearance", a), ("motion", b)):
                     if fmap is not None:
                         total[modality] = total.get(modality, 0.0) + float(fmap.double().pow(2).mean(
                             dim=(1, 2, 3)).sum())
-        return {m: (v / len(idx)) ** 0.5 for m, v in total.items() if m in net.align}
+                total["geometry"] = total.get("geometry", 0.0) + float(
+                    displacements(lm).double().pow(2).mean(dim=(1, 2)).sum())
+        present = [*net.align, *(["geometry"] if net.gcn is not None else [])]
+        return {m: (v / len(idx)) ** 0.5 for m, v in total.items() if m in present}
 
 
 def run_stems(net: MiHFTr, apex: Any, flow: Any, landmarks: torch.Tensor) -> tuple[Any, Any, torch.Tensor]:

@@ -231,6 +231,7 @@ def test_fold_model_runs_end_to_end_like_the_cached_forward(mirror: bool):
     """A fold model holds the stems that made the cached AF / MF: its end-to-end forward on the
     HDF5 arrays equals the cached-feature forward that scored the fold."""
     from model import ModelConfig, prepare_batch
+    from model.gcn import DISPLACEMENT_SCALE_PX, displacements
 
     rng = np.random.default_rng(0)
     n = 6
@@ -239,7 +240,7 @@ def test_fold_model_runs_end_to_end_like_the_cached_forward(mirror: bool):
               "landmarks": rng.uniform(20, 200, (n, 51, 4)).astype(np.float32),
               "label": np.array([0, 1, 2, 0, 1, 2])}
     cfg = training.TrainConfig(device="cpu", epochs=1, batch_size=4, lr_step=1, mirror=mirror,
-                               flow_jitter=0.1, balance_inputs=mirror)
+                               flow_jitter=0.1, balance_inputs=mirror, balance_geometry=mirror)
     model_cfg = ModelConfig(dim=16, block=2, freeze_stems=True, dropout=0.1, mirror_test=mirror)
     data = training.FoldData.build(cfg, model_cfg, torch.device("cpu"), arrays, 3)
     assert len(data.af) == (2 * n if mirror else n)
@@ -248,6 +249,10 @@ def test_fold_model_runs_end_to_end_like_the_cached_forward(mirror: bool):
     assert np.isfinite(losses).all()
     scales = [float(net.align[m].input_scale) for m in ("appearance", "motion")]
     assert (scales[0] != 1.0 and scales[1] != 1.0) if mirror else scales == [1.0, 1.0]
+    # the GCN's displacement unit: the training samples' RMS displacement of the head's landmarks
+    train_disp = displacements(data.landmarks[:4])  # the flow-tracked points, as the head gets them
+    expected = 1 / float(train_disp.double().pow(2).mean().sqrt()) if mirror else 1 / DISPLACEMENT_SCALE_PX
+    assert float(net.gcn.displacement_scale) == pytest.approx(expected, rel=1e-5)
     with torch.no_grad():
         logits = net(*prepare_batch(arrays["apex"], arrays["flow"], arrays["landmarks"], "cpu"))
     np.testing.assert_allclose(torch.softmax(logits.double(), -1).numpy(), probs, atol=1e-5)
