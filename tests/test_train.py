@@ -161,11 +161,13 @@ def test_fold_batched_training_is_each_fold_trained_alone(frozen: bool, monkeypa
     """All folds trained as one stacked model give each fold's predictions, features and losses of
     the fold trained alone: its own initialisation, batches (folds of 4 / 5 training samples: 2 or 3
     batches of 1-2, so padding and folds that wait), mirror / flow-jitter / landmark-jitter draws,
-    class weights, Adam state, input scales and (trainable stems) batch-norm statistics. The
-    transformer's dropout is off: it is the one draw made for the whole group at once."""
+    class weights, Adam state, input scales, the GCN's displacement units and (trainable stems)
+    batch-norm statistics. The transformer's dropout is off: it is the one draw made for the whole
+    group at once."""
     monkeypatch.setattr("model.gcmif.DROPOUT", 0.0)
     subjects = np.array(["s1", "s2", "s3", "s1", "s2", "s3", "s1"])
-    params = dict(epochs=2 if frozen else 1, batch_size=2, mirror=True, flow_jitter=0.1, balance_inputs=True)
+    params = dict(epochs=2 if frozen else 1, batch_size=2, mirror=True, flow_jitter=0.1, balance_inputs=True,
+                  balance_geometry=True)
     folds = training.loso_splits(subjects, seed=3)
     alone = run_tiny(tiny_state(subjects, frozen, fold_batch=1, **params), folds)
     together = run_tiny(tiny_state(subjects, frozen, fold_batch=0, **params), folds)
