@@ -296,12 +296,13 @@ class FoldData:
         net.to(self.device)
         if self.train.channels_last and not self.cached:
             net.to(memory_format=torch.channels_last)
-        if self.train.balance_inputs or self.train.balance_geometry:
+        scales = {m: align.input_scale for m, align in net.align.items()} if self.train.balance_inputs else {}
+        if self.train.balance_geometry and net.gcn is not None:
+            scales["geometry"] = net.gcn.displacement_scale
+        if scales:
             for modality, rms in self.map_rms(net, train_idx).items():
-                if modality == "geometry" and self.train.balance_geometry:
-                    net.gcn.displacement_scale.fill_(1.0 / max(rms, 1e-12))
-                elif modality != "geometry" and self.train.balance_inputs:
-                    net.align[modality].input_scale.fill_(1.0 / max(rms, 1e-12))
+                if modality in scales:
+                    scales[modality].fill_(1.0 / max(rms, 1e-12))
         return net.train(), np.random.default_rng(seed), self.generator(seed, 1)
 
     def epoch_plan(self, train_idx: np.ndarray,
@@ -338,8 +339,7 @@ class FoldData:
                             dim=(1, 2, 3)).sum())
                 total["geometry"] = total.get("geometry", 0.0) + float(
                     displacements(lm).double().pow(2).mean(dim=(1, 2)).sum())
-        present = [*net.align, *(["geometry"] if net.gcn is not None else [])]
-        return {m: (v / len(idx)) ** 0.5 for m, v in total.items() if m in present}
+        return {m: (v / len(idx)) ** 0.5 for m, v in total.items()}
 
 
 def run_stems(net: MiHFTr, apex: Any, flow: Any, landmarks: torch.Tensor) -> tuple[Any, Any, torch.Tensor]:
