@@ -26,11 +26,11 @@ Two choices, measured on development data (docs/model.md, "The geometry path"):
 
 Node input (6 features, from the 4 columns x_onset, y_onset, x_apex, y_apex in crop pixels):
 the four coordinates centred and scaled to [-1, 1] ((p - 112) / 112), and the apex - onset
-displacement times `displacement_scale` (/112 would make it vanish next to the positions): 1 /
-DISPLACEMENT_SCALE_PX, 2/3 px (chosen on the hard development set, where 2 px gave 0.755 and 2/3 px
-0.848), or, with `train.balance_geometry`, 1 / the RMS displacement of the fold's training samples,
-set per fold as `balance_inputs` scales LAMiF's blocks (hard set +0.05 / +0.04 / 0.00 at train.seed
-0 / 1 / 2, SAMM -0.06 / -0.04 / +0.05: no help on the real data, off by default; docs/experiments.md).
+displacement times `displacement_scale` (/112 would make it vanish next to the positions): with
+`train.balance_geometry` (the default recipe), 1 / the RMS displacement of the fold's training
+samples, set per fold as `balance_inputs` scales LAMiF's blocks (hard set +0.05 / +0.04 / 0.00 at
+train.seed 0 / 1 / 2, SAMM -0.001 over 4 seeds; docs/experiments.md); without it 1 /
+DISPLACEMENT_SCALE_PX, 2/3 px (chosen on the hard development set, where 2 px gave 0.755).
 """
 
 from __future__ import annotations
