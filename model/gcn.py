@@ -29,7 +29,7 @@ the four coordinates centred and scaled to [-1, 1] ((p - 112) / 112), and the ap
 displacement times `displacement_scale` (/112 would make it vanish next to the positions): with
 `train.balance_geometry` (the default recipe), 1 / the RMS displacement of the fold's training
 samples, set per fold as `balance_inputs` scales LAMiF's blocks (hard set +0.05 / +0.04 / 0.00 at
-train.seed 0 / 1 / 2, SAMM -0.001 over 4 seeds; docs/experiments.md); without it 1 /
+train.seed 0 / 1 / 2, SAMM -0.006 over 5 seeds; docs/experiments.md); without it 1 /
 DISPLACEMENT_SCALE_PX, 2/3 px (chosen on the hard development set, where 2 px gave 0.755).
 """
 
