@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import skimage.data
 
+from mer import face
 from mer.common import load_params
 from mer.flow import flow_pair, grey, match_illumination
+from mer.frames import alignment_matrix, warp
 from mer.magnify import magnify_pair
 
 SIZE = 224
@@ -111,3 +113,73 @@ def test_magnification_keeps_the_direction_and_grows_the_movement(name: str, met
     cosine = magnified[0] / np.hypot(*magnified)  # the true movement is +x
     assert cosine > 0.95
     assert magnified[0] > 1.5 * plain[0]
+
+
+def whole_photo(name: str) -> np.ndarray:
+    """The whole RGB photo, background included."""
+    if name == "astronaut":
+        return skimage.data.astronaut()
+    path = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
+    return cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+
+
+def pixel_grid(width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
+
+
+def expression_and_drift(image: np.ndarray, points: np.ndarray, rng: np.random.Generator,
+                         amplitude: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """H×W×2 fields: a sub-pixel expression (brows up, mouth corners out and up) and that plus a
+    sub-pixel drift of the head alone (an ellipse around the 68 points), the background still."""
+    x, y = pixel_grid(image.shape[1], image.shape[0])
+    sigma = 0.18 * np.linalg.norm(points[45] - points[36])
+    expression = np.zeros((*image.shape[:2], 2), np.float32)
+    for point, direction in {19: (0, -1), 24: (0, -1), 21: (0.3, -1), 22: (-0.3, -1),
+                             48: (-0.7, -0.7), 54: (0.7, -0.7)}.items():
+        bump = np.exp(-((x - points[point, 0]) ** 2 + (y - points[point, 1]) ** 2) / (2 * sigma**2))
+        expression += amplitude * bump[..., None] * np.float32(direction)
+    centre, radii = points.mean(axis=0), (0.75 * np.ptp(points[:, 0]), 0.95 * np.ptp(points[:, 1]))
+    head = (((x - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2 < 1).astype(np.float32)
+    head = cv2.GaussianBlur(head, (0, 0), 4)
+    drift = rng.normal(0, 0.4, 2).astype(np.float32)
+    return expression, expression + head[..., None] * drift
+
+
+@pytest.mark.parametrize("name", ["astronaut", "hopper"])
+def test_crop_keeps_the_expression_not_the_head_outline(name: str, flow_params: dict) -> None:
+    """A real photo whose head drifts over a still background while the face makes a 0.3 px
+    expression (noise, JPEG): the default crop's flow, on the 28×28 grid the probes read, follows
+    the expression, and more closely than a crop with 15% margin, whose extra cells hold the
+    background and the moving outline of the head and hair."""
+    image = whole_photo(name)
+    predictor_file = face.predictor_path("")
+    box, _ = face.find_face(image, 320, 1)
+    points = face.landmarks68(image, box, predictor_file)
+    default_margin = load_params()["frames"]["margin"]
+
+    def correlation(margin: float, seed: int) -> float:
+        rng = np.random.default_rng(seed)
+        expression, motion = expression_and_drift(image, points, rng)
+        x, y = pixel_grid(image.shape[1], image.shape[0])
+        still = image.astype(np.float32)
+        moved = cv2.remap(still, x - motion[..., 0], y - motion[..., 1], cv2.INTER_CUBIC,
+                          borderMode=cv2.BORDER_REFLECT_101)
+        jpeg = [cv2.IMWRITE_JPEG_QUALITY, 85]
+        onset, apex = (cv2.imdecode(cv2.imencode(".jpg", camera(frame, rng), jpeg)[1], cv2.IMREAD_UNCHANGED)
+                       for frame in (still, moved))
+        matrix = alignment_matrix(box, points, SIZE, margin)
+        crop = {key: warp(frame, matrix, SIZE) for key, frame in (("onset", onset), ("apex", apex))}
+        measured = flow_pair((crop["onset"], crop["apex"]), flow_params)
+        # The expression in crop pixels: sampled where each crop pixel comes from, turned and scaled.
+        back = cv2.invertAffineTransform(matrix)
+        source = np.stack(pixel_grid(SIZE, SIZE), -1)
+        source = (source @ back[:, :2].T + back[:, 2]).astype(np.float32)
+        true = cv2.remap(expression, source[..., 0], source[..., 1], cv2.INTER_LINEAR) @ matrix[:, :2].T
+        grids = [cv2.resize(np.float32(f), (28, 28), interpolation=cv2.INTER_AREA) for f in (measured, true)]
+        a, b = ((g - np.median(g, axis=(0, 1))).ravel() for g in grids)
+        return float(np.corrcoef(a, b)[0, 1])
+
+    default = np.mean([correlation(default_margin, seed) for seed in range(2)])
+    wide = np.mean([correlation(0.15, seed) for seed in range(2)])
+    assert default > 0.8, f"default crop: the flow follows the expression by {default:.2f} only"
+    assert default > wide + 0.05, f"default crop {default:.2f} vs 15% margin {wide:.2f}"
