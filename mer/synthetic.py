@@ -57,6 +57,7 @@ NUISANCE = {
     "light_ramp_p": 1.0,        # share of sequences whose light changes (the rest: constant light)
     "blink_p": 0.3,
     "contrast": [1.0, 1.0],     # per-sample contrast about mid-grey, uniform in this range
+    "still_background": False,  # true: the head drift moves the head alone, the background stays (as filmed)
 }
 FIXED_TIME = "2019-07-01T00:00:00Z"  # xlsx document timestamps (the real sheet's date)
 ZIP_TIME = (2019, 7, 1, 0, 0, 0)
@@ -362,6 +363,16 @@ def _grid() -> tuple[np.ndarray, np.ndarray]:
     return np.meshgrid(np.arange(WIDTH, dtype=np.float32), np.arange(HEIGHT, dtype=np.float32))
 
 
+def _head_region(points: np.ndarray) -> np.ndarray:
+    """HEIGHT×WIDTH float32 in [0, 1]: a soft ellipse over the face, forehead and hair of the 68
+    posed `points`, where the head's drift applies; outside it the background stays still."""
+    gx, gy = _grid()
+    width, height = np.ptp(points[:, 0]), np.ptp(points[:, 1])
+    centre_x, centre_y = points[:, 0].mean(), points[:, 1].mean() - 0.15 * height
+    inside = ((gx - centre_x) / (0.8 * width)) ** 2 + ((gy - centre_y) / (1.0 * height)) ** 2 < 1
+    return cv2.GaussianBlur(inside.astype(np.float32), (0, 0), 4)
+
+
 def _apply_affine(matrix: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     m = matrix.astype(np.float32)
     return m[0, 0] * x + m[0, 1] * y + m[0, 2], m[1, 0] * x + m[1, 1] * y + m[1, 2]
@@ -550,6 +561,7 @@ def render_sample(spec: SampleSpec, identity: Identity,
         au *= spec.amplitude / max(float(np.sqrt((au**2).sum(axis=2)).max()), 1e-6)
         blink = blink_field(points, spec.blink[2]) if spec.blink else None
         pose_inverse = cv2.invertAffineTransform(pose)
+        head_region = _head_region(points) if extra["still_background"] else None
         noise_rng = np.random.default_rng(noise_seed)
         progress = np.arange(length) / max(length - 1, 1)
         progress = progress * progress * (3 - 2 * progress)  # smoothstep
@@ -560,6 +572,8 @@ def render_sample(spec: SampleSpec, identity: Identity,
                              tuple(drift * progress[k]))
             # Backward map: output -> undo head drift -> undo expression -> undo pose -> identity.
             y_x, y_y = _apply_affine(cv2.invertAffineTransform(head), gx, gy)
+            if head_region is not None:
+                y_x, y_y = gx + head_region * (y_x - gx), gy + head_region * (y_y - gy)
             z_x, z_y = y_x, y_y
             shade = None
             if profile[k] > 0:

@@ -166,3 +166,20 @@ def test_surprise_raises_the_brows(dataset: tuple[Path, pd.DataFrame]) -> None:
         corners_speed = np.linalg.norm(mean_flow(flow, points[MOUTH_CORNERS]))
         assert brows_v < -0.2, (spec.filename, spec.action_units, brows_v)  # up = negative v
         assert abs(brows_v) > corners_speed, (spec.filename, spec.action_units, brows_v, corners_speed)
+
+
+@pytest.mark.parametrize("still", [False, True])
+def test_still_background_moves_the_head_alone(still: bool) -> None:
+    """`nuisance.still_background`: the head drift moves the face as before, and the background only
+    where it is off (one warp for the whole frame)."""
+    spec = syn.plan(PARAMS)[0]
+    identity = syn.make_identity(PARAMS["seed"], spec.subject)
+    quiet = {"noise_sigma": 0.01, "drift_px": [4, 4], "light_ramp": 0.0, "blink_p": 0.0,
+             "still_background": still}
+    frames = syn.render_sample(spec, identity, {**PARAMS, "nuisance": quiet})
+    first, last = (frame.astype(np.float32) for _, frame in (frames[0], frames[-1]))
+    left, top, right, bottom = (int(v) for v in identity.box)
+    face_change = np.abs(first[top:bottom, left:right] - last[top:bottom, left:right]).mean()
+    corner_change = np.abs(first[:60, :60] - last[:60, :60]).mean()
+    assert face_change > 5
+    assert (corner_change < 0.01) if still else (corner_change > 0.1)
