@@ -363,10 +363,10 @@ def _grid() -> tuple[np.ndarray, np.ndarray]:
     return np.meshgrid(np.arange(WIDTH, dtype=np.float32), np.arange(HEIGHT, dtype=np.float32))
 
 
-def _head_region(points: np.ndarray) -> np.ndarray:
-    """HEIGHT×WIDTH float32 in [0, 1]: a soft ellipse over the face, forehead and hair of the 68
-    posed `points`, where the head's drift applies; outside it the background stays still."""
-    gx, gy = _grid()
+def head_region(points: np.ndarray, shape: tuple[int, int] = (HEIGHT, WIDTH)) -> np.ndarray:
+    """`shape` float32 in [0, 1]: a soft ellipse over the face, forehead and hair of the 68 `points`,
+    where the head's drift applies; outside it the background stays still."""
+    gx, gy = np.meshgrid(np.arange(shape[1], dtype=np.float32), np.arange(shape[0], dtype=np.float32))
     width, height = np.ptp(points[:, 0]), np.ptp(points[:, 1])
     centre_x, centre_y = points[:, 0].mean(), points[:, 1].mean() - 0.15 * height
     inside = ((gx - centre_x) / (0.8 * width)) ** 2 + ((gy - centre_y) / (1.0 * height)) ** 2 < 1
@@ -561,7 +561,7 @@ def render_sample(spec: SampleSpec, identity: Identity,
         au *= spec.amplitude / max(float(np.sqrt((au**2).sum(axis=2)).max()), 1e-6)
         blink = blink_field(points, spec.blink[2]) if spec.blink else None
         pose_inverse = cv2.invertAffineTransform(pose)
-        head_region = _head_region(points) if extra["still_background"] else None
+        still_mask = head_region(points) if extra["still_background"] else None
         noise_rng = np.random.default_rng(noise_seed)
         progress = np.arange(length) / max(length - 1, 1)
         progress = progress * progress * (3 - 2 * progress)  # smoothstep
@@ -572,8 +572,8 @@ def render_sample(spec: SampleSpec, identity: Identity,
                              tuple(drift * progress[k]))
             # Backward map: output -> undo head drift -> undo expression -> undo pose -> identity.
             y_x, y_y = _apply_affine(cv2.invertAffineTransform(head), gx, gy)
-            if head_region is not None:
-                y_x, y_y = gx + head_region * (y_x - gx), gy + head_region * (y_y - gy)
+            if still_mask is not None:
+                y_x, y_y = gx + still_mask * (y_x - gx), gy + still_mask * (y_y - gy)
             z_x, z_y = y_x, y_y
             shade = None
             if profile[k] > 0:

@@ -14,6 +14,7 @@ from mer.common import load_params
 from mer.flow import flow_pair, grey, match_illumination
 from mer.frames import alignment_matrix, warp
 from mer.magnify import magnify_pair
+from mer.synthetic import head_region
 
 SIZE = 224
 X, Y = np.meshgrid(np.arange(SIZE, dtype=np.float32), np.arange(SIZE, dtype=np.float32))
@@ -21,13 +22,20 @@ BUMP = 0.4 * np.exp(-((X - 112) ** 2 + (Y - 150) ** 2) / (2 * 15.0**2))  # 0.4 p
 MOVING, STILL = BUMP > 0.2, BUMP < 1e-3
 
 
+def whole_photo(name: str) -> np.ndarray:
+    """The whole RGB photo, background included."""
+    if name == "astronaut":
+        return skimage.data.astronaut()
+    path = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
+    return cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+
+
+FACE_CROPS = {"astronaut": np.s_[0:300, 100:400], "hopper": np.s_[60:420, 80:440]}  # rows, columns
+
+
 def photo(name: str) -> np.ndarray:
     """A 224² RGB float crop around the face."""
-    if name == "astronaut":
-        face = skimage.data.astronaut()[0:300, 100:400]
-    else:
-        path = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
-        face = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)[60:420, 80:440]
+    face = whole_photo(name)[FACE_CROPS[name]]
     return cv2.resize(face, (SIZE, SIZE), interpolation=cv2.INTER_AREA).astype(np.float32)
 
 
@@ -115,14 +123,6 @@ def test_magnification_keeps_the_direction_and_grows_the_movement(name: str, met
     assert magnified[0] > 1.5 * plain[0]
 
 
-def whole_photo(name: str) -> np.ndarray:
-    """The whole RGB photo, background included."""
-    if name == "astronaut":
-        return skimage.data.astronaut()
-    path = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
-    return cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
-
-
 def pixel_grid(width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
     return np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
 
@@ -130,7 +130,7 @@ def pixel_grid(width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
 def expression_and_drift(image: np.ndarray, points: np.ndarray, rng: np.random.Generator,
                          amplitude: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
     """H×W×2 fields: a sub-pixel expression (brows up, mouth corners out and up) and that plus a
-    sub-pixel drift of the head alone (an ellipse around the 68 points), the background still."""
+    sub-pixel drift of the head alone (the synthetic generator's head region), the background still."""
     x, y = pixel_grid(image.shape[1], image.shape[0])
     sigma = 0.18 * np.linalg.norm(points[45] - points[36])
     expression = np.zeros((*image.shape[:2], 2), np.float32)
@@ -138,9 +138,7 @@ def expression_and_drift(image: np.ndarray, points: np.ndarray, rng: np.random.G
                              48: (-0.7, -0.7), 54: (0.7, -0.7)}.items():
         bump = np.exp(-((x - points[point, 0]) ** 2 + (y - points[point, 1]) ** 2) / (2 * sigma**2))
         expression += amplitude * bump[..., None] * np.float32(direction)
-    centre, radii = points.mean(axis=0), (0.75 * np.ptp(points[:, 0]), 0.95 * np.ptp(points[:, 1]))
-    head = (((x - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2 < 1).astype(np.float32)
-    head = cv2.GaussianBlur(head, (0, 0), 4)
+    head = head_region(points, image.shape[:2])
     drift = rng.normal(0, 0.4, 2).astype(np.float32)
     return expression, expression + head[..., None] * drift
 
@@ -157,7 +155,8 @@ def test_crop_keeps_the_expression_not_the_head_outline(name: str, flow_params: 
     points = face.landmarks68(image, box, predictor_file)
     default_margin = load_params()["frames"]["margin"]
 
-    def correlation(margin: float, seed: int) -> float:
+    def frames(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(onset, apex, the expression's field) of one draw: noise, JPEG 85."""
         rng = np.random.default_rng(seed)
         expression, motion = expression_and_drift(image, points, rng)
         x, y = pixel_grid(image.shape[1], image.shape[0])
@@ -167,19 +166,21 @@ def test_crop_keeps_the_expression_not_the_head_outline(name: str, flow_params: 
         jpeg = [cv2.IMWRITE_JPEG_QUALITY, 85]
         onset, apex = (cv2.imdecode(cv2.imencode(".jpg", camera(frame, rng), jpeg)[1], cv2.IMREAD_UNCHANGED)
                        for frame in (still, moved))
+        return onset, apex, expression
+
+    def correlation(margin: float, onset: np.ndarray, apex: np.ndarray, expression: np.ndarray) -> float:
         matrix = alignment_matrix(box, points, SIZE, margin)
-        crop = {key: warp(frame, matrix, SIZE) for key, frame in (("onset", onset), ("apex", apex))}
-        measured = flow_pair((crop["onset"], crop["apex"]), flow_params)
+        measured = flow_pair((warp(onset, matrix, SIZE), warp(apex, matrix, SIZE)), flow_params)
         # The expression in crop pixels: sampled where each crop pixel comes from, turned and scaled.
         back = cv2.invertAffineTransform(matrix)
-        source = np.stack(pixel_grid(SIZE, SIZE), -1)
-        source = (source @ back[:, :2].T + back[:, 2]).astype(np.float32)
+        source = (np.stack([X, Y], -1) @ back[:, :2].T + back[:, 2]).astype(np.float32)
         true = cv2.remap(expression, source[..., 0], source[..., 1], cv2.INTER_LINEAR) @ matrix[:, :2].T
         grids = [cv2.resize(np.float32(f), (28, 28), interpolation=cv2.INTER_AREA) for f in (measured, true)]
         a, b = ((g - np.median(g, axis=(0, 1))).ravel() for g in grids)
         return float(np.corrcoef(a, b)[0, 1])
 
-    default = np.mean([correlation(default_margin, seed) for seed in range(2)])
-    wide = np.mean([correlation(0.15, seed) for seed in range(2)])
+    draws = [frames(seed) for seed in range(2)]
+    default = np.mean([correlation(default_margin, *draw) for draw in draws])
+    wide = np.mean([correlation(0.15, *draw) for draw in draws])
     assert default > 0.8, f"default crop: the flow follows the expression by {default:.2f} only"
     assert default > wide + 0.05, f"default crop {default:.2f} vs 15% margin {wide:.2f}"
