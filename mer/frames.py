@@ -119,6 +119,17 @@ def frame_jobs(dataset: MicroExpressionDataset, samples: list[Sample]) -> list[F
     return jobs
 
 
+def crop_jobs(jobs: list[FrameJob], frames_params: dict[str, Any], predictor_file: Path, workers: int,
+              cnn_file: Path | None = None, desc: str = "frames") -> list[dict[str, Any] | None]:
+    """crop_sample on every job with the `frames` params, on `workers` processes."""
+    face.predictor(predictor_file)  # load once in this process; forked workers inherit it
+    work = functools.partial(crop_sample, size=frames_params["size"], margin=frames_params["margin"],
+                             detect_width=frames_params["detect_width"], upsample=frames_params["upsample"],
+                             predictor_file=predictor_file, detectors=frames_params["detectors"],
+                             cnn_file=cnn_file)
+    return parallel_map(work, jobs, workers, desc=desc)
+
+
 def extract_frames(dataset: MicroExpressionDataset, frames_params: dict[str, Any], predictor_file: Path,
                    workers: int, cnn_file: Path | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
     """Crops of every sample as stacked arrays (`detector`: which chain step found each face), and
@@ -127,12 +138,7 @@ def extract_frames(dataset: MicroExpressionDataset, frames_params: dict[str, Any
     if not samples:
         raise PipelineError(f"{dataset.name}: the label spreadsheet gives no samples of the "
                             f"{len(dataset.classes)}-class set: check data.labels and data.classes")
-    face.predictor(predictor_file)  # load once in this process; forked workers inherit it
-    work = functools.partial(crop_sample, size=frames_params["size"], margin=frames_params["margin"],
-                             detect_width=frames_params["detect_width"], upsample=frames_params["upsample"],
-                             predictor_file=predictor_file, detectors=frames_params["detectors"],
-                             cnn_file=cnn_file)
-    crops = parallel_map(work, frame_jobs(dataset, samples), workers, desc="frames")
+    crops = crop_jobs(frame_jobs(dataset, samples), frames_params, predictor_file, workers, cnn_file)
     no_face = [f"{s.subject}/{s.sample}" for s, c in zip(samples, crops) if c is None]
     if no_face and frames_params["on_no_face"] != "skip":
         raise PipelineError(f"no face found in the onset frame of {len(no_face)} sample(s): "

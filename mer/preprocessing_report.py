@@ -1,19 +1,26 @@
 """The preprocessing report: which preprocessing keeps the most of this dataset's signal, before
 any training.
 
-For every variant of `preprocessing_report.variants` (overrides of the `magnify` and `flow` params
-sections; what a variant leaves out is params.yaml's), the aligned onset / apex crops of `frames` are
-magnified and turned into TV-L1 flow as the `magnify` and `flow` stages would, and the two linear
-probes of `baselines` (`flow_cells`, `flow_landmarks`) are scored on that flow over the same LOSO
-folds. One JSON table (`metrics/preprocessing.json`: variant -> probe -> uf1 / uar, and the variant's
-overrides) and one bar chart. Variants that come to the same params are computed once. Cost: one
-TV-L1 pass per sample and distinct variant (docs/benchmarks.md).
+For every variant of `preprocessing_report.variants` (overrides of the `frames`, `magnify` and `flow`
+params sections; what a variant leaves out is params.yaml's), the aligned onset / apex crops of
+`frames` are magnified and turned into TV-L1 flow as the `magnify` and `flow` stages would, and the
+two linear probes of `baselines` (`flow_cells`, `flow_landmarks`) are scored on that flow over the
+same LOSO folds. A variant with `frames` keys of its own (e.g. the crop's margin) first re-crops the
+raw frames and re-fits the landmarks as the `frames` and `landmarks` stages would. One JSON table
+(`metrics/preprocessing.json`: variant -> probe -> uf1 / uar, and the variant's overrides) and one
+bar chart. Variants that come to the same params are computed once. Cost: one TV-L1 pass per sample
+and distinct variant, and a face alignment and landmark fit per sample and distinct crop
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,15 +29,54 @@ from mer.common import (
     PipelineError,
     new_figure,
 )
+from mer.datasets import MicroExpressionDataset
+from mer.face import check_detectors
 from mer.flow import compute_flow
+from mer.frames import FrameJob, crop_jobs, frame_jobs
+from mer.landmarks import detect_landmarks
 from mer.magnify import magnify_all
 from mer.probes import run_baselines
 
-SECTIONS = ("magnify", "flow")  # what a variant may override
+SECTIONS = ("frames", "magnify", "flow")  # what a variant may override
+
+
+@dataclass(frozen=True)
+class RawFrames:
+    """What a variant with `frames` keys re-crops: the raw onset / apex frames of the report's
+    samples, in its arrays' order, and the dlib files of the `frames` and `landmarks` stages."""
+    jobs: list[FrameJob]
+    predictor_file: Path
+    cnn_file: Path
+
+
+def raw_frames(dataset: MicroExpressionDataset, subjects: np.ndarray, samples: np.ndarray,
+               predictor_file: Path, cnn_file: Path) -> RawFrames:
+    """The raw frames of the samples the `frames` file holds (`subjects`, `samples`, its order)."""
+    wanted = set(zip(subjects, samples))
+    kept = [s for s in dataset.samples() if (s.subject, s.sample) in wanted]
+    if [(s.subject, s.sample) for s in kept] != list(zip(subjects, samples)):
+        raise PipelineError(f"{dataset.name}: the label spreadsheet under data.root gives other samples than "
+                            "the frames file holds: rerun `dvc repro`")
+    return RawFrames(frame_jobs(dataset, kept), predictor_file, cnn_file)
+
+
+def recrop(raw: RawFrames, frames_params: dict[str, Any], name: str, workers: int) -> dict[str, np.ndarray]:
+    """`onset`, `apex` and `landmarks` of every sample with variant `name`'s `frames` params, as the
+    `frames` and `landmarks` stages would make them."""
+    check_detectors(frames_params["detectors"], f"preprocessing_report.variants.{name}.frames.detectors")
+    crops = crop_jobs(raw.jobs, frames_params, raw.predictor_file, workers, raw.cnn_file, f"{name}: frames")
+    lost = [job.name for job, crop in zip(raw.jobs, crops) if crop is None]
+    if lost:
+        raise PipelineError(f"preprocessing_report.variants.{name}: no face found in {len(lost)} sample(s) "
+                            f"the pipeline's crops have ({', '.join(lost[:5])}): drop its face-finding keys")
+    arrays = {key: np.stack([crop[key] for crop in crops]) for key in ("onset", "apex", "face_box")}
+    arrays["landmarks"], _ = detect_landmarks(arrays["onset"], arrays["apex"], arrays.pop("face_box"),
+                                              raw.predictor_file, workers, raw.cnn_file)
+    return arrays
 
 
 def variant_params(params: dict[str, Any], overrides: dict[str, Any], name: str) -> dict[str, dict[str, Any]]:
-    """The `magnify` and `flow` sections of one variant: params.yaml's, with the variant's keys set."""
+    """The `frames`, `magnify` and `flow` sections of one variant: params.yaml's, the variant's keys set."""
     unknown = sorted(set(overrides or {}) - set(SECTIONS))
     bad_keys = [f"{s}.{k}" for s in SECTIONS for k in (overrides or {}).get(s, {}) if k not in params[s]]
     if unknown or bad_keys:
@@ -40,26 +86,37 @@ def variant_params(params: dict[str, Any], overrides: dict[str, Any], name: str)
 
 
 def preprocessing_report(arrays: dict[str, np.ndarray], classes: list[str], params: dict[str, Any],
-                         workers: int) -> dict[str, dict[str, Any]]:
-    """{variant: {probe: {uf1, uar}, "params": its magnify / flow overrides}} for
-    the frames arrays (`onset`, `apex`, `label`, `subject`) and `landmarks` (N x 51 x 4)."""
+                         workers: int, raw: Callable[[], RawFrames] | None = None
+                         ) -> dict[str, dict[str, Any]]:
+    """{variant: {probe: {uf1, uar}, "params": its overrides}} for the frames arrays (`onset`, `apex`,
+    `label`, `subject`) and `landmarks` (N x 51 x 4) made with params.yaml's `frames`. `raw` gives the
+    raw frames: called once, and only if a variant sets `frames` keys of its own."""
     variants = params["preprocessing_report"]["variants"]
     if not variants:
         raise PipelineError("preprocessing_report.variants is empty: name at least one ({} = the defaults)")
-    magnified: dict[str, np.ndarray] = {}  # by magnify params: variants that share one compute it once
+    # Each step computed once per distinct params (e.g. a variant restating a default is not recomputed),
+    # keyed by the params sections it depends on.
+    crops = {json.dumps(params["frames"], sort_keys=True): arrays}
+    magnified: dict[str, np.ndarray] = {}
+    scored: dict[str, dict[str, Any]] = {}
     report: dict[str, dict[str, Any]] = {}
-    scored: dict[str, dict[str, Any]] = {}  # by magnify + flow params (e.g. `default` = `phase`)
+    raw_once = functools.cache(raw) if raw is not None else None
     for name, overrides in variants.items():
         sections = variant_params(params, overrides, name)
         start = time.perf_counter()  # printed, not written: the JSON stays the same bytes run to run
-        key = json.dumps(sections["magnify"], sort_keys=True)
-        both = json.dumps(sections, sort_keys=True)
-        if both not in scored:
-            if key not in magnified:
-                magnified[key] = magnify_all(arrays["onset"], arrays["apex"], sections["magnify"], workers)
-            flow = compute_flow(arrays["onset"], magnified[key], sections["flow"], workers)
-            scored[both] = run_baselines({**arrays, "flow": flow}, classes, params["baselines"])
-        scores = scored[both]
+        keys = [json.dumps({s: sections[s] for s in SECTIONS[:n]}, sort_keys=True) for n in (1, 2, 3)]
+        if keys[2] not in scored:
+            if keys[0] not in crops:
+                if raw_once is None:
+                    raise PipelineError(f"preprocessing_report.variants.{name} sets `frames` keys: it "
+                                        "re-crops the raw frames, which this run was not given")
+                crops[keys[0]] = {**arrays, **recrop(raw_once(), sections["frames"], name, workers)}
+            crop = crops[keys[0]]
+            if keys[1] not in magnified:
+                magnified[keys[1]] = magnify_all(crop["onset"], crop["apex"], sections["magnify"], workers)
+            flow = compute_flow(crop["onset"], magnified[keys[1]], sections["flow"], workers)
+            scored[keys[2]] = run_baselines({**crop, "flow": flow}, classes, params["baselines"])
+        scores = scored[keys[2]]
         report[name] = {**{probe: {k: s[k] for k in ("uf1", "uar")} for probe, s in scores.items()},
                         "params": overrides or {}}
         summary = ", ".join(f"{probe} UF1 {s['uf1']:.3f}" for probe, s in scores.items())

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mer import face
 from mer.common import (
     PipelineError,
     atomic_path,
@@ -22,8 +23,9 @@ from mer.common import (
     save_figure,
     stage_paths,
 )
+from mer.datasets import dataset_from_params
 from mer.metrics import round_floats
-from mer.preprocessing_report import plot_report, preprocessing_report
+from mer.preprocessing_report import RawFrames, plot_report, preprocessing_report, raw_frames
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -33,8 +35,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     landmarks, _ = read_h5(paths.landmarks, ["landmarks", "sample"])
     if not np.array_equal(landmarks["sample"], frames["sample"]):
         raise PipelineError(f"{paths.landmarks} holds other samples than {paths.frames}: rerun `dvc repro`")
+
+    def raw() -> RawFrames:  # read only where a variant re-crops (sets `frames` keys)
+        return raw_frames(dataset_from_params(params["data"]), frames["subject"], frames["sample"],
+                          face.predictor_path(params["landmarks"]["predictor"]),
+                          face.cnn_detector_path(params["landmarks"]["cnn_detector"]))
+
     report = preprocessing_report({**frames, "landmarks": landmarks["landmarks"]}, class_names(attrs), params,
-                                  params["workers"])
+                                  params["workers"], raw)
     with atomic_path(paths.out) as tmp:
         tmp.write_text(json.dumps(round_floats(report), sort_keys=True, indent=2) + "\n")
     save_figure(plot_report(report, attrs["dataset"]), paths.plot)

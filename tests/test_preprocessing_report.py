@@ -1,5 +1,6 @@
 """Stage `preprocessing_report` through `dvc repro` on the embedded data: one table of the probes on
-each preprocessing variant's flow, consistent with the `baselines` stage on the pipeline's own flow."""
+each preprocessing variant's flow, consistent with the `baselines` stage on the pipeline's own flow;
+a variant with `frames` keys re-crops the raw frames as the `frames` and `landmarks` stages would."""
 
 from __future__ import annotations
 
@@ -7,15 +8,21 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import run
 
-from mer.common import PipelineError, load_params
-from mer.preprocessing_report import variant_params
+from mer import face
+from mer.common import PipelineError, load_params, read_h5
+from mer.datasets import dataset_from_params
+from mer.preprocessing_report import raw_frames, recrop, variant_params
 
 VARIANTS = {"default": {}, "phase_x3": {"magnify": {"method": "phase"}},
-            "same_as_default": {"flow": {"illumination_min": 1.0}}}
+            "same_as_default": {"flow": {"illumination_min": 1.0}},
+            # a `frames` key that changes no crop: re-crops the raw frames, must give the pipeline's own
+            "recropped_as_default": {"frames": {"on_no_face": "skip"}},
+            "wider_crop": {"frames": {"margin": 0.15}}}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +44,8 @@ def test_report_scores_every_variant_and_draws_them(report_project: Path) -> Non
         assert row["params"] == VARIANTS[name]
         for probe in ("flow_cells", "flow_landmarks"):
             assert 0.0 <= row[probe]["uf1"] <= 1.0 and 0.0 <= row[probe]["uar"] <= 1.0
-    assert report["same_as_default"] == {**report["default"], "params": VARIANTS["same_as_default"]}
+    for same in ("same_as_default", "recropped_as_default"):
+        assert report[same] == {**report["default"], "params": VARIANTS[same]}
     assert (report_project / "metrics" / "preprocessing.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -60,3 +68,24 @@ def test_report_is_byte_identical_on_rerun(report_project: Path) -> None:
 def test_unknown_variant_key_is_one_line_naming_it() -> None:
     with pytest.raises(PipelineError, match=r"variants\.typo: unknown \['flow\.lamda'\]"):
         variant_params(load_params(), {"flow": {"lamda": 0.1}}, "typo")
+
+
+def test_recrop_is_the_frames_and_landmarks_stages_at_the_variants_margin(report_project: Path) -> None:
+    """Re-cropped at the pipeline's margin: the `frames` crops and `landmarks` points to the byte.
+    At margin 0.15 the face box spans 1 / 1.3 of the crop: the landmarks lie that much closer to
+    its centre."""
+    params = yaml.safe_load((report_project / "params.yaml").read_text())
+    params["data"]["root"] = str(report_project / params["data"]["root"])
+    frames, _ = read_h5(report_project / "data/interim/frames.h5", ["onset", "apex", "subject", "sample"])
+    landmarks, _ = read_h5(report_project / "data/interim/landmarks.h5", ["landmarks"])
+    raw = raw_frames(dataset_from_params(params["data"]), frames["subject"], frames["sample"],
+                     face.predictor_path(""), face.cnn_detector_path(""))
+    same = recrop(raw, params["frames"], "same", workers=2)
+    for key in ("onset", "apex"):
+        np.testing.assert_array_equal(same[key], frames[key])
+    np.testing.assert_array_equal(same["landmarks"], landmarks["landmarks"])
+
+    wider = recrop(raw, params["frames"] | {"margin": 0.15}, "wider", workers=2)
+    centre = params["frames"]["size"] / 2
+    spread = np.median(np.abs(wider["landmarks"] - centre) / np.abs(landmarks["landmarks"] - centre + 1e-6))
+    assert wider["onset"].shape == frames["onset"].shape and 0.72 < spread < 0.82  # 1 / 1.3 = 0.77
