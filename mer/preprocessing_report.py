@@ -96,7 +96,7 @@ def preprocessing_report(arrays: dict[str, np.ndarray], classes: list[str], para
         raise PipelineError("preprocessing_report.variants is empty: name at least one ({} = the defaults)")
     # Each step computed once per distinct params (e.g. a variant restating a default is not recomputed),
     # keyed by the params sections it depends on.
-    crops = {json.dumps(params["frames"], sort_keys=True): arrays}
+    crops = {json.dumps({"frames": params["frames"]}, sort_keys=True): arrays}
     magnified: dict[str, np.ndarray] = {}
     scored: dict[str, dict[str, Any]] = {}
     report: dict[str, dict[str, Any]] = {}

@@ -14,9 +14,9 @@ import yaml
 from conftest import run
 
 from mer import face
-from mer.common import PipelineError, load_params, read_h5
+from mer.common import PipelineError, class_names, load_params, read_h5
 from mer.datasets import dataset_from_params
-from mer.preprocessing_report import raw_frames, recrop, variant_params
+from mer.preprocessing_report import preprocessing_report, raw_frames, recrop, variant_params
 
 VARIANTS = {"default": {}, "phase_x3": {"magnify": {"method": "phase"}},
             "same_as_default": {"flow": {"illumination_min": 1.0}},
@@ -56,6 +56,23 @@ def test_default_variant_is_the_pipelines_own_flow(report_project: Path) -> None
     baselines = json.loads((report_project / "metrics" / "baselines.json").read_text())
     for probe in ("flow_cells", "flow_landmarks"):
         assert report["default"][probe] == {k: baselines[probe][k] for k in ("uf1", "uar")}
+
+
+def test_variants_of_the_pipelines_crop_need_no_raw_frames(report_project: Path) -> None:
+    """Only a variant with `frames` keys of its own re-crops: the others run on the frames file alone
+    (`raw` not given) and score what the stage wrote."""
+    params = yaml.safe_load((report_project / "params.yaml").read_text())
+    params["preprocessing_report"]["variants"] = {"default": {}}
+    frames, attrs = read_h5(report_project / "data/interim/frames.h5", ["onset", "apex", "label", "subject"])
+    landmarks, _ = read_h5(report_project / "data/interim/landmarks.h5", ["landmarks"])
+    arrays = {**frames, "landmarks": landmarks["landmarks"]}
+    report = preprocessing_report(arrays, class_names(attrs), params, workers=2)
+    written = json.loads((report_project / "metrics" / "preprocessing.json").read_text())
+    for probe in ("flow_cells", "flow_landmarks"):
+        assert report["default"][probe]["uf1"] == pytest.approx(written["default"][probe]["uf1"], abs=1e-6)
+    params["preprocessing_report"]["variants"] = {"wider_crop": VARIANTS["wider_crop"]}
+    with pytest.raises(PipelineError, match=r"variants\.wider_crop sets `frames` keys"):
+        preprocessing_report(arrays, class_names(attrs), params, workers=2)
 
 
 def test_report_is_byte_identical_on_rerun(report_project: Path) -> None:
