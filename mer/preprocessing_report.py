@@ -128,7 +128,7 @@ def plot_report(report: dict[str, dict[str, Any]], dataset: str) -> Any:
     """Grouped horizontal bars: UF1 of each probe for each variant."""
     names = list(report)
     probes = [k for k in report[names[0]] if k != "params"]
-    fig, ax = new_figure(figsize=(7, 1 + 0.5 * len(names)))
+    fig, ax = new_figure(figsize=(7, 1.5 + 0.5 * len(names)))
     height = 0.8 / len(probes)
     for i, probe in enumerate(probes):
         values = [report[n][probe]["uf1"] for n in names]
@@ -139,6 +139,7 @@ def plot_report(report: dict[str, dict[str, Any]], dataset: str) -> Any:
     ax.set_xlim(0, 1.1)
     ax.set_xlabel("LOSO pooled UF1 of the linear probe")
     ax.set_title(f"{dataset}: signal kept by each preprocessing variant")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=len(probes), fontsize=8,
+              frameon=False)  # below the axes: inside, it would cover the last variant's bars
     fig.tight_layout()
     return fig
