@@ -104,19 +104,21 @@ def preprocessing_report(arrays: dict[str, np.ndarray], classes: list[str], para
     for name, overrides in variants.items():
         sections = variant_params(params, overrides, name)
         start = time.perf_counter()  # printed, not written: the JSON stays the same bytes run to run
-        keys = [json.dumps({s: sections[s] for s in SECTIONS[:n]}, sort_keys=True) for n in (1, 2, 3)]
-        if keys[2] not in scored:
-            if keys[0] not in crops:
+        crop_key, magnify_key, score_key = (json.dumps({s: sections[s] for s in SECTIONS[:n]}, sort_keys=True)
+                                            for n in (1, 2, 3))
+        if score_key not in scored:
+            if crop_key not in crops:
                 if raw_once is None:
                     raise PipelineError(f"preprocessing_report.variants.{name} sets `frames` keys: it "
                                         "re-crops the raw frames, which this run was not given")
-                crops[keys[0]] = {**arrays, **recrop(raw_once(), sections["frames"], name, workers)}
-            crop = crops[keys[0]]
-            if keys[1] not in magnified:
-                magnified[keys[1]] = magnify_all(crop["onset"], crop["apex"], sections["magnify"], workers)
-            flow = compute_flow(crop["onset"], magnified[keys[1]], sections["flow"], workers)
-            scored[keys[2]] = run_baselines({**crop, "flow": flow}, classes, params["baselines"])
-        scores = scored[keys[2]]
+                crops[crop_key] = {**arrays, **recrop(raw_once(), sections["frames"], name, workers)}
+            crop = crops[crop_key]
+            if magnify_key not in magnified:
+                magnified[magnify_key] = magnify_all(crop["onset"], crop["apex"], sections["magnify"],
+                                                     workers)
+            flow = compute_flow(crop["onset"], magnified[magnify_key], sections["flow"], workers)
+            scored[score_key] = run_baselines({**crop, "flow": flow}, classes, params["baselines"])
+        scores = scored[score_key]
         report[name] = {**{probe: {k: s[k] for k in ("uf1", "uar")} for probe, s in scores.items()},
                         "params": overrides or {}}
         summary = ", ".join(f"{probe} UF1 {s['uf1']:.3f}" for probe, s in scores.items())
