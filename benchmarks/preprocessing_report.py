@@ -19,9 +19,7 @@ import time
 
 import numpy as np
 
-from mer import face
 from mer.common import class_names, load_params, read_h5, worker_count
-from mer.datasets import dataset_from_params
 from mer.flow import flow_pair
 from mer.preprocessing_report import preprocessing_report, raw_frames
 
@@ -41,9 +39,7 @@ def main() -> None:
     arrays = {key: frames[key][index] for key in ("onset", "apex", "label")}
     arrays["subject"] = np.array([f"{s}_{c}" for s, c in zip(frames["subject"][index], copy)])
     arrays["landmarks"] = landmarks["landmarks"][index]
-    raw = raw_frames(dataset_from_params(params["data"]), frames["subject"], frames["sample"],
-                     face.predictor_path(params["landmarks"]["predictor"]),
-                     face.cnn_detector_path(params["landmarks"]["cnn_detector"]))
+    raw = raw_frames(params, frames["subject"], frames["sample"])
     raw = dataclasses.replace(raw, jobs=[raw.jobs[i] for i in index])
 
     start = time.perf_counter()

@@ -25,12 +25,12 @@ from typing import Any
 
 import numpy as np
 
+from mer import face
 from mer.common import (
     PipelineError,
     new_figure,
 )
-from mer.datasets import MicroExpressionDataset
-from mer.face import check_detectors
+from mer.datasets import dataset_from_params
 from mer.flow import compute_flow
 from mer.frames import FrameJob, crop_jobs, frame_jobs
 from mer.landmarks import detect_landmarks
@@ -49,21 +49,23 @@ class RawFrames:
     cnn_file: Path
 
 
-def raw_frames(dataset: MicroExpressionDataset, subjects: np.ndarray, samples: np.ndarray,
-               predictor_file: Path, cnn_file: Path) -> RawFrames:
-    """The raw frames of the samples the `frames` file holds (`subjects`, `samples`, its order)."""
+def raw_frames(params: dict[str, Any], subjects: np.ndarray, samples: np.ndarray) -> RawFrames:
+    """The raw frames of the samples the `frames` file holds (`subjects`, `samples`, its order), of
+    params.yaml's `data`, with the dlib files of its `landmarks` section."""
+    dataset = dataset_from_params(params["data"])
     wanted = set(zip(subjects, samples))
     kept = [s for s in dataset.samples() if (s.subject, s.sample) in wanted]
     if [(s.subject, s.sample) for s in kept] != list(zip(subjects, samples)):
         raise PipelineError(f"{dataset.name}: the label spreadsheet under data.root gives other samples than "
                             "the frames file holds: rerun `dvc repro`")
-    return RawFrames(frame_jobs(dataset, kept), predictor_file, cnn_file)
+    return RawFrames(frame_jobs(dataset, kept), face.predictor_path(params["landmarks"]["predictor"]),
+                     face.cnn_detector_path(params["landmarks"]["cnn_detector"]))
 
 
 def recrop(raw: RawFrames, frames_params: dict[str, Any], name: str, workers: int) -> dict[str, np.ndarray]:
     """`onset`, `apex` and `landmarks` of every sample with variant `name`'s `frames` params, as the
     `frames` and `landmarks` stages would make them."""
-    check_detectors(frames_params["detectors"], f"preprocessing_report.variants.{name}.frames.detectors")
+    face.check_detectors(frames_params["detectors"], f"preprocessing_report.variants.{name}.frames.detectors")
     crops = crop_jobs(raw.jobs, frames_params, raw.predictor_file, workers, raw.cnn_file, f"{name}: frames")
     lost = [job.name for job, crop in zip(raw.jobs, crops) if crop is None]
     if lost:

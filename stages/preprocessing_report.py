@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mer import face
 from mer.common import (
     PipelineError,
     atomic_path,
@@ -23,7 +22,6 @@ from mer.common import (
     save_figure,
     stage_paths,
 )
-from mer.datasets import dataset_from_params
 from mer.metrics import round_floats
 from mer.preprocessing_report import RawFrames, plot_report, preprocessing_report, raw_frames
 
@@ -37,9 +35,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise PipelineError(f"{paths.landmarks} holds other samples than {paths.frames}: rerun `dvc repro`")
 
     def raw() -> RawFrames:  # read only where a variant re-crops (sets `frames` keys)
-        return raw_frames(dataset_from_params(params["data"]), frames["subject"], frames["sample"],
-                          face.predictor_path(params["landmarks"]["predictor"]),
-                          face.cnn_detector_path(params["landmarks"]["cnn_detector"]))
+        return raw_frames(params, frames["subject"], frames["sample"])
 
     report = preprocessing_report({**frames, "landmarks": landmarks["landmarks"]}, class_names(attrs), params,
                                   params["workers"], raw)

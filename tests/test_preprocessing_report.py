@@ -13,9 +13,7 @@ import pytest
 import yaml
 from conftest import run
 
-from mer import face
 from mer.common import PipelineError, class_names, load_params, read_h5
-from mer.datasets import dataset_from_params
 from mer.preprocessing_report import preprocessing_report, raw_frames, recrop, variant_params
 
 VARIANTS = {"default": {}, "phase_x3": {"magnify": {"method": "phase"}},
@@ -95,8 +93,7 @@ def test_recrop_is_the_frames_and_landmarks_stages_at_the_variants_margin(report
     params["data"]["root"] = str(report_project / params["data"]["root"])
     frames, _ = read_h5(report_project / "data/interim/frames.h5", ["onset", "apex", "subject", "sample"])
     landmarks, _ = read_h5(report_project / "data/interim/landmarks.h5", ["landmarks"])
-    raw = raw_frames(dataset_from_params(params["data"]), frames["subject"], frames["sample"],
-                     face.predictor_path(""), face.cnn_detector_path(""))
+    raw = raw_frames(params, frames["subject"], frames["sample"])
     same = recrop(raw, params["frames"], "same", workers=2)
     for key in ("onset", "apex"):
         np.testing.assert_array_equal(same[key], frames[key])
