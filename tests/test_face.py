@@ -6,14 +6,17 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
+import yaml
+from conftest import REPO
 from matplotlib import cbook
 from skimage import data
 
 from mer import face
 from mer.common import PipelineError
-from mer.datasets import Smic
-from mer.frames import extract_frames
+from mer.datasets import Samm, Smic
+from mer.frames import align_pair, extract_frames
 from mer.landmarks import fit_pair
 
 FRAMES_PARAMS = {"size": 224, "margin": 0.15, "detect_width": 320, "upsample": 1, "on_no_face": "fail"}
@@ -100,3 +103,66 @@ def test_detector_counts_and_cnn_path() -> None:
     assert face.cnn_detector_path("").name == face.CNN_FILE
     with pytest.raises(PipelineError, match="landmarks.cnn_detector"):
         face.cnn_detector_path("models/none.dat")
+
+
+def _write_samm(root: Path, frame: np.ndarray) -> Path:
+    """A SAMM tree in the published layout: notes above the header of sheet MICRO_ONLY, frames
+    `root/<subject>/<Filename>/<subject>_<frame:05d>.jpg`, grey, 2040×1088 (two clips, same frame)."""
+    columns = ["Subject", "Filename", "Inducement Code", "Onset Frame", "Apex Frame", "Offset Frame",
+               "Duration", "Micro", "Action Units", "Estimated Emotion", "Objective Classes", "Notes"]
+    rows = [["006", "006_1_2", 1, 5562, 5588, 5600, 39, 1, "12", "Happiness", 1, ""],
+            ["007", "007_3_1", 3, 4000, 4010, 4030, 31, 1, "4", "Anger", 4, ""]]
+    notes = [["SAMM micro-movement coding (test copy)"] + [""] * 11, [""] * 12]
+    labels = root / "SAMM_Micro_FACS_Codes_v2.xlsx"
+    sheet = pd.DataFrame(notes + [columns] + rows)
+    sheet.to_excel(labels, sheet_name="MICRO_ONLY", header=False, index=False)
+    for subject, clip, _, onset, apex, *_ in rows:
+        (root / subject / clip).mkdir(parents=True)
+        for number in (onset, apex):  # the frames `frames` reads
+            cv2.imwrite(str(root / subject / clip / f"{subject}_{number:05d}.jpg"), frame)
+    return labels
+
+
+def test_frames_level_and_fill_a_real_face_in_samm_frames(tmp_path: Path, grace: np.ndarray) -> None:
+    """Real face, SAMM's layout and frame size: a tilted head in a 2040×1088 grey frame comes out
+    of `frames` (params.yaml's settings) eyes level, the face filling the crop, grey on three channels."""
+    tilt = 8.0  # degrees
+    head = cv2.resize(cv2.cvtColor(grace, cv2.COLOR_RGB2GRAY), None, fx=1.8, fy=1.8)  # face ~410 px wide
+    frame = np.full((1088, 2040), 70, np.uint8)
+    top, left = (1088 - head.shape[0]) // 2, (2040 - head.shape[1]) // 2
+    frame[max(top, 0):top + head.shape[0], left:left + head.shape[1]] = head[max(-top, 0):1088 - top]
+    frame = cv2.warpAffine(frame, cv2.getRotationMatrix2D((1020, 544), tilt, 1.0), (2040, 1088),
+                           borderMode=cv2.BORDER_REPLICATE)
+    labels = _write_samm(tmp_path, frame)
+    frames_params = yaml.safe_load((REPO / "params.yaml").read_text())["frames"]
+    predictor = face.default_predictor_path()
+
+    arrays, no_face = extract_frames(Samm(tmp_path, labels=labels), frames_params, predictor, workers=1)
+
+    assert no_face == [] and arrays["sample"].tolist() == ["006_1_2", "007_3_1"]
+    crop = arrays["onset"][0]
+    assert crop.shape == (224, 224, 3) and np.array_equal(crop[..., 0], crop[..., 2])
+    box, _ = face.find_face(crop, 224, 1)
+    points = face.landmarks68(crop, box, predictor)
+    frame_rgb = cv2.cvtColor(frame, cv2.COLOR_GRAY2RGB)
+    before = face.landmarks68(frame_rgb, face.find_face(frame_rgb, 320, 1)[0], predictor)
+    tilt_before, tilt_after = (pts[face.RIGHT_EYE].mean(0)[1] - pts[face.LEFT_EYE].mean(0)[1]
+                               for pts in (before, points))
+    assert abs(tilt_before) > 25 and abs(tilt_after) < 2  # eye heights differ by > 25 px in the frame
+    kept = points[face.KEPT]
+    assert np.ptp(kept[:, 0]) > 0.7 * 224  # the 51 points span most of the crop (at margin 0.15: 0.6)
+
+
+@pytest.mark.parametrize("photo", ["grace", "astronaut"])
+def test_the_crop_frames_the_face_whichever_detector_found_it(photo: str, grace: np.ndarray) -> None:
+    """The crop is set by the landmarks, not by the detector's box: on Grace Hopper the CNN's box is
+    23% smaller than HOG's, and a box-based crop zoomed in by that much."""
+    image = grace if photo == "grace" else data.astronaut()
+    predictor = face.default_predictor_path()
+    kept = {}
+    for step in ("hog", "cnn"):
+        crop = align_pair(image, image, 224, 0.0, 320, 1, predictor, detectors=[step])
+        assert crop["detector"] == step
+        points = face.landmarks68(crop["onset"], face.find_face(crop["onset"], 224, 1)[0], predictor)
+        kept[step] = points[face.KEPT]
+    assert np.abs(kept["hog"] - kept["cnn"]).mean() < 3  # crop pixels
