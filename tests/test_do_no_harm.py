@@ -183,4 +183,5 @@ def test_crop_keeps_the_expression_not_the_head_outline(name: str, flow_params: 
     default = np.mean([correlation(default_margin, *draw) for draw in draws])
     wide = np.mean([correlation(0.15, *draw) for draw in draws])
     assert default > 0.8, f"default crop: the flow follows the expression by {default:.2f} only"
-    assert default > wide + 0.02, f"default crop {default:.3f} vs 15% margin {wide:.3f}"  # 0.92 / 0.90, 0.97 / 0.83
+    # measured: astronaut 0.923 vs 0.897, Grace Hopper 0.965 vs 0.828
+    assert default > wide + 0.02, f"default crop {default:.3f} vs 15% margin {wide:.3f}"
