@@ -40,9 +40,10 @@ def read_rgb(path: Path, name: str) -> np.ndarray:
 
 
 # The crop's framing in units of the 51 kept points' RMS distance from their centroid (eyes levelled):
-# the mean framing of dlib's HOG box over 26 faces (2 real photos, 24 synthetic onsets), which the
-# points hold to ~1% whichever detector found the face, where the box itself varies by 7% from face
-# to face (its pyramid's steps) and the CNN's up to 23% smaller (docs/pipeline.md "The crop").
+# the mean framing of dlib's HOG box over 26 faces (2 real photos, 24 synthetic onsets). The points
+# hold it within 2% whichever detector found the face (7 of 8 faces measured; 5% on the eighth),
+# where the box varies by 7% from face to face (HOG's pyramid steps) and the CNN's is up to 23%
+# smaller than HOG's (docs/pipeline.md "The crop").
 FACE_SIDE = 3.3  # crop side at margin 0
 FACE_DROP = 0.08  # crop centre below the points' centroid
 

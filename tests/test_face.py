@@ -1,4 +1,5 @@
-"""Face finding: the HOG -> HOG upsampled -> CNN fallback chain, on real faces (no dataset needed)."""
+"""Face finding (the HOG -> HOG upsampled -> CNN fallback chain) and the crop's framing, on real faces
+(no dataset needed)."""
 
 from __future__ import annotations
 
@@ -148,7 +149,7 @@ def test_frames_level_and_fill_a_real_face_in_samm_frames(tmp_path: Path, grace:
     before = face.landmarks68(frame_rgb, face.find_face(frame_rgb, 320, 1)[0], predictor)
     tilt_before, tilt_after = (pts[face.RIGHT_EYE].mean(0)[1] - pts[face.LEFT_EYE].mean(0)[1]
                                for pts in (before, points))
-    assert abs(tilt_before) > 25 and abs(tilt_after) < 2  # eye heights differ by > 25 px in the frame
+    assert abs(tilt_before) > 15 and abs(tilt_after) < 2  # eye heights, px: the frame's head is tilted
     kept = points[face.KEPT]
     assert np.ptp(kept[:, 0]) > 0.7 * 224  # the 51 points span most of the crop (at margin 0.15: 0.6)
 
