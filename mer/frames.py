@@ -55,8 +55,9 @@ def alignment_matrix(points: np.ndarray, size: int, margin: float) -> np.ndarray
     left_eye, right_eye = points[face.LEFT_EYE].mean(0), points[face.RIGHT_EYE].mean(0)
     angle = np.arctan2(right_eye[1] - left_eye[1], right_eye[0] - left_eye[0])
     kept = points[face.KEPT]
-    radius = np.sqrt(((kept - kept.mean(0)) ** 2).sum(1).mean())
-    centre = kept.mean(0) + FACE_DROP * radius * np.array([-np.sin(angle), np.cos(angle)])  # face's "down"
+    centroid = kept.mean(0)
+    radius = np.sqrt(((kept - centroid) ** 2).sum(1).mean())
+    centre = centroid + FACE_DROP * radius * np.array([-np.sin(angle), np.cos(angle)])  # face's "down"
     side = FACE_SIDE * radius * (1 + 2 * margin)
     matrix = cv2.getRotationMatrix2D(tuple(map(float, centre)), float(np.degrees(angle)), size / side)
     matrix[:, 2] += np.array([size / 2, size / 2]) - centre

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -17,6 +18,7 @@ def heading_id(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
+@functools.cache
 def heading_ids(page: Path) -> set[str]:
     """The ids GitHub gives the page's headings (a repeated one gets -1, -2, ...); code blocks skipped."""
     ids: set[str] = set()

@@ -9,13 +9,12 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from conftest import REPO
 from matplotlib import cbook
 from skimage import data
 
 from mer import face
-from mer.common import PipelineError
+from mer.common import PipelineError, load_params
 from mer.datasets import Samm, Smic
 from mer.frames import align_pair, extract_frames
 from mer.landmarks import fit_pair
@@ -106,6 +105,11 @@ def test_detector_counts_and_cnn_path() -> None:
         face.cnn_detector_path("models/none.dat")
 
 
+def _face_points(image: np.ndarray, predictor: Path) -> np.ndarray:
+    """dlib's 68 points of the face HOG finds in `image` (detected at up to 320 px wide)."""
+    return face.landmarks68(image, face.find_face(image, 320, 1)[0], predictor)
+
+
 def _write_samm(root: Path, frame: np.ndarray) -> Path:
     """A SAMM tree in the published layout: notes above the header of sheet MICRO_ONLY, frames
     `root/<subject>/<Filename>/<subject>_<frame:05d>.jpg`, grey, 2040×1088 (two clips, same frame)."""
@@ -135,7 +139,7 @@ def test_frames_level_and_fill_a_real_face_in_samm_frames(tmp_path: Path, grace:
     frame = cv2.warpAffine(frame, cv2.getRotationMatrix2D((1020, 544), tilt, 1.0), (2040, 1088),
                            borderMode=cv2.BORDER_REPLICATE)
     labels = _write_samm(tmp_path, frame)
-    frames_params = yaml.safe_load((REPO / "params.yaml").read_text())["frames"]
+    frames_params = load_params(REPO / "params.yaml")["frames"]
     predictor = face.default_predictor_path()
 
     arrays, no_face = extract_frames(Samm(tmp_path, labels=labels), frames_params, predictor, workers=1)
@@ -143,10 +147,8 @@ def test_frames_level_and_fill_a_real_face_in_samm_frames(tmp_path: Path, grace:
     assert no_face == [] and arrays["sample"].tolist() == ["006_1_2", "007_3_1"]
     crop = arrays["onset"][0]
     assert crop.shape == (224, 224, 3) and np.array_equal(crop[..., 0], crop[..., 2])
-    box, _ = face.find_face(crop, 224, 1)
-    points = face.landmarks68(crop, box, predictor)
-    frame_rgb = cv2.cvtColor(frame, cv2.COLOR_GRAY2RGB)
-    before = face.landmarks68(frame_rgb, face.find_face(frame_rgb, 320, 1)[0], predictor)
+    points = _face_points(crop, predictor)
+    before = _face_points(cv2.cvtColor(frame, cv2.COLOR_GRAY2RGB), predictor)
     tilt_before, tilt_after = (pts[face.RIGHT_EYE].mean(0)[1] - pts[face.LEFT_EYE].mean(0)[1]
                                for pts in (before, points))
     assert abs(tilt_before) > 15 and abs(tilt_after) < 2  # eye heights, px: the frame's head is tilted
@@ -164,6 +166,5 @@ def test_the_crop_frames_the_face_whichever_detector_found_it(photo: str, grace:
     for step in ("hog", "cnn"):
         crop = align_pair(image, image, 224, 0.0, 320, 1, predictor, detectors=[step])
         assert crop["detector"] == step
-        points = face.landmarks68(crop["onset"], face.find_face(crop["onset"], 224, 1)[0], predictor)
-        kept[step] = points[face.KEPT]
+        kept[step] = _face_points(crop["onset"], predictor)[face.KEPT]
     assert np.abs(kept["hog"] - kept["cnn"]).mean() < 3  # crop pixels
