@@ -32,15 +32,14 @@ def main() -> None:
     import torch  # imported here to time the start-up a user's first prediction pays
 
     from mer.common import load_params
-    from mer.datasets import get_dataset
+    from mer.datasets import dataset_from_params
     from model import MiHFTr, ModelConfig, predict
     from model.checkpoint import save_checkpoint
 
     imports = time.perf_counter() - start
     params = load_params(REPO / "params.yaml")
     data = params["data"]
-    dataset = get_dataset(data["dataset"], REPO / data["root"], data["labels"] or None, data["classes"],
-                          data["label_defects"])
+    dataset = dataset_from_params(dict(data, root=REPO / data["root"]))
     samples = dataset.samples()[: args.clips + 1]
     with tempfile.TemporaryDirectory() as tmp:
         model_file, note = args.model, str(args.model)

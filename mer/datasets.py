@@ -775,6 +775,9 @@ def get_dataset(
 ) -> MicroExpressionDataset:
     """The dataset `name` (params `data.dataset`) on `root` with its label spreadsheet."""
     cls = DATASETS.get(str(name).strip().lower())
+    if str(name).strip().lower() == Megc2019.name:
+        raise PipelineError("megc2019 reads several datasets' roots and sheets: build it from params.yaml's "
+                            "data section with dataset_from_params")
     if cls is None:
         names = sorted([*DATASETS, Megc2019.name])
         raise PipelineError(f"unknown data.dataset {name!r}: choose one of {', '.join(names)}")

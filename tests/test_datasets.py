@@ -449,6 +449,8 @@ def test_unknown_dataset(tmp_path: Path) -> None:
     message = str(err.value)
     assert "'casme3'" in message and "casme2, megc2019, samm, smic, synthetic" in message
     assert set(DATASETS) == {"casme2", "samm", "smic", "synthetic"}
+    with pytest.raises(PipelineError, match="dataset_from_params"):
+        get_dataset("megc2019", tmp_path)
 
 
 def test_labels_file_missing(tmp_path: Path) -> None:
