@@ -77,7 +77,7 @@ def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tup
         raise PipelineError(f"model file {path} does not exist: run `dvc repro fit` to train it, "
                             "or give the path of one")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # a file saved on CUDA loads anywhere
     except Exception as err:  # zip, pickle and EOF errors alike: the file is damaged or not a torch file
         raise PipelineError(f"{path} is not a readable model file ({_first_line(err)}): {REFIT}") from err
     if not isinstance(ckpt, dict) or "format" not in ckpt:

@@ -33,6 +33,7 @@ from model import prepare_batch
 from model.checkpoint import load_checkpoint
 from model.lamif import SCSA
 from model.mihf_tr import MiHFTr
+from model.training import resolve_device
 
 DEFAULT_MODEL = Path("models/mihf_tr.pt")
 IMAGE_SUFFIXES = {".bmp", ".jpeg", ".jpg", ".png", ".pbm", ".pgm", ".ppm", ".tif", ".tiff", ".webp"}
@@ -129,7 +130,7 @@ def read_input(clip: str | None, onset: str, apex: str, name: str,
 
 def load_model(path: Path | str, device: str) -> tuple[MiHFTr, dict[str, Any], FaceModels]:
     """Model, its file's fields, and the face models its params name, all loaded (not timed per clip)."""
-    net, info = load_checkpoint(path, device)
+    net, info = load_checkpoint(path, resolve_device(device, "--device"))
     return net, info, face_models(info["params"])
 
 
@@ -184,7 +185,7 @@ def csv_inputs(path: Path) -> tuple[list[str], list[tuple[dict[str, str], str | 
     """The header, and (row, clip, onset, apex) per row: columns path, onset, apex (a clip and its
     frame numbers) or onset_image, apex_image (two images). Every row is checked before any work."""
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
             reader = csv.DictReader(f)
             rows, header = list(reader), list(reader.fieldnames or [])
     except (OSError, UnicodeDecodeError, csv.Error) as err:
@@ -196,8 +197,16 @@ def csv_inputs(path: Path) -> tuple[list[str], list[tuple[dict[str, str], str | 
     else:
         raise PipelineError(f"{path} has columns {header}: give either {', '.join(CLIP_COLUMNS)} or "
                             f"{', '.join(IMAGE_COLUMNS)}, one clip per row")
+    clash = [c for c in header if c == "class" or c.startswith("p_") or c in BOX_COLUMNS]
+    if clash:
+        raise PipelineError(f"{path} has input columns {clash}, names the predictions are written under: "
+                            "rename them")
     inputs = []
     for line, row in enumerate(rows, start=2):
+        if None in row:  # csv.DictReader keeps a row's fields beyond the header under None
+            fields = len(header) + len(row[None])
+            raise PipelineError(f"{path} line {line} has {fields} fields but the header {len(header)}: "
+                                "quote fields that hold commas, or name every column")
         empty = [c for c in (*columns, clip_column) if c and not (row.get(c) or "").strip()]
         if empty:
             raise PipelineError(f"{path} line {line}: {', '.join(empty)} is empty: fill it or drop the row")

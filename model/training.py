@@ -158,13 +158,16 @@ def loso_splits(subjects: np.ndarray, seed: int = 0) -> list[Fold]:
     return folds
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, setting: str = "train.device") -> torch.device:
+    """The torch device `name` (auto: CUDA when available), checked to exist; errors name `setting`."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise PipelineError(f"{setting} is {name!r}, not a torch device: use auto, cpu or cuda:N") from err
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineError(f"train.device is {name} but CUDA is not available: "
-                            "set train.device: auto or cpu")
+        raise PipelineError(f"{setting} is {name} but CUDA is not available: use auto or cpu")
     return device
 
 

@@ -138,7 +138,7 @@ def test_csv_of_clips_and_the_explain_picture(project: dict, model_file: tuple, 
     path, net = model_file
     (tmp_path / "clips").mkdir()
     table = tmp_path / "clips" / "list.csv"
-    with open(table, "w", newline="") as f:
+    with open(table, "w", newline="", encoding="utf-8-sig") as f:  # with a BOM, as Excel's "CSV UTF-8"
         writer = csv.writer(f)
         writer.writerow(["id", "path", "onset", "apex"])
         for i, s in enumerate(project["samples"]):
@@ -216,6 +216,9 @@ def changed_model(path: Path) -> None:
         ("other format", ["model.pt", f"format {FORMAT + 1}", "dvc repro fit"]),
         ("incompatible model", ["model.pt", "does not fit", "dvc repro fit"]),
         ("bad csv columns", ["list.csv", "path, onset, apex"]),
+        ("csv row longer than its header", ["list.csv line 2", "4 fields but the header 3", "quote"]),
+        ("csv column named as an output", ["list.csv", "['class']", "rename"]),
+        ("bad device", ["--device", "'gpu0'", "not a torch device", "cpu"]),
     ],
 )
 def test_bad_input(case: str, expected: list[str], project: dict, model_file: tuple, tmp_path: Path,
@@ -252,6 +255,14 @@ def test_bad_input(case: str, expected: list[str], project: dict, model_file: tu
     elif case == "bad csv columns":
         (tmp_path / "list.csv").write_text("clip,first,peak\na,1,2\n")
         inputs = ["--csv", str(tmp_path / "list.csv"), "--out", str(tmp_path / "out.csv")]
+    elif case == "csv row longer than its header":
+        (tmp_path / "list.csv").write_text(f"path,onset,apex\n{s.folder},{s.onset},{s.apex},surprise\n")
+        inputs = ["--csv", str(tmp_path / "list.csv"), "--out", str(tmp_path / "out.csv")]
+    elif case == "csv column named as an output":
+        (tmp_path / "list.csv").write_text(f"path,onset,apex,class\n{s.folder},{s.onset},{s.apex},surprise\n")
+        inputs = ["--csv", str(tmp_path / "list.csv"), "--out", str(tmp_path / "out.csv")]
+    elif case == "bad device":
+        inputs = [*inputs, "--device", "gpu0"]
     out = ["--explain", str(tmp_path / "out.png")] if "--csv" not in inputs else []
     before = set(tmp_path.iterdir())
     line = error_line(lambda: predict.main([*inputs, *out, "--model", str(model)]), capsys)
