@@ -11,8 +11,9 @@ with w_c the normalised inverse class count of the training fold:
     w_c = C (1 / n_c) / sum_k (1 / n_k)
 
 so the weights average to 1 over the classes, equal counts give w_c = 1 (plain focal loss), and a
-class half as frequent weighs twice as much. A class absent from the fold counts as n_c = 1 (its
-weight never applies to a training sample; this only keeps the others finite). Focal = all w_c = 1;
+class half as frequent weighs twice as much. A class absent from the fold's training samples (a rare
+class of a 4-class run) gets weight 0, which never applies, and the others average to 1 among
+themselves, as they would in a run without that class. Focal = all w_c = 1;
 `ce` = plain cross-entropy (gamma = 0, no weights).
 """
 
@@ -29,11 +30,13 @@ LOSSES = ("cw-focal", "focal", "ce")
 
 
 def class_weights(class_counts: Sequence[int] | np.ndarray | Tensor, power: float = 1.0) -> Tensor:
-    """w_c = C n_c^-p / sum_k n_k^-p: the normalised N_c of eq. 8, larger for rarer classes
-    (p = `power`: 1 inverse counts, 0.5 inverse square roots, 0 no weighting)."""
-    n = torch.as_tensor(np.asarray(class_counts, dtype=np.float64)).clamp(min=1.0)
-    inv = n ** -float(power)
-    return (len(n) * inv / inv.sum()).float()
+    """w_c = C n_c^-p / sum_k n_k^-p over the C classes present (n_c > 0; absent ones 0): the normalised
+    N_c of eq. 8, larger for rarer classes (p = `power`: 1 inverse counts, 0.5 inverse square roots, 0 no
+    weighting)."""
+    n = torch.as_tensor(np.asarray(class_counts, dtype=np.float64))
+    present = n > 0
+    inv = torch.where(present, n.clamp(min=1.0) ** -float(power), 0.0)
+    return (int(present.sum()) * inv / inv.sum()).float()
 
 
 class FocalLoss(nn.Module):

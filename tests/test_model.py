@@ -466,6 +466,10 @@ def test_class_weight_power_softens_the_weights():
         np.testing.assert_allclose(weights.numpy(), w, rtol=1e-6)
     with pytest.raises(ValueError, match="class_weight_power"):
         ModelConfig(class_weight_power=-0.5)
+    # a class absent from a fold's training samples: weight 0, the others as in a run without it
+    for power in (0.5, 1.0):
+        w = class_weights([*counts, 0], power).numpy()
+        np.testing.assert_allclose(w, [*class_weights(counts, power).numpy(), 0.0], rtol=1e-6)
 
 
 # ---------------------------------------------------------------- gradients, freezing, loading
