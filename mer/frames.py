@@ -8,6 +8,7 @@ is applied to the apex frame, so the only difference between the two crops is th
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from mer.common import (
     parallel_map,
 )
 from mer.datasets import MicroExpressionDataset, Sample
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ def read_rgb(path: Path, name: str) -> np.ndarray:
 # smaller than HOG's (docs/pipeline.md "The crop").
 FACE_SIDE = 3.3  # crop side at margin 0
 FACE_DROP = 0.08  # crop centre below the points' centroid
+OUTSIDE_WARN = 0.1  # share of a crop past the frame's edge that `extract_frames` warns of
 
 
 def alignment_matrix(points: np.ndarray, size: int, margin: float) -> np.ndarray:
@@ -74,10 +78,20 @@ def warp(image: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
                           borderMode=cv2.BORDER_REPLICATE)
 
 
+def check_not_blank(image: np.ndarray, name: str, what: str) -> np.ndarray:
+    """`image`, refused when it holds one grey level (±1): a dropped or black frame has no face, and as
+    an apex it would give a flow of zero and a confident class."""
+    low, high = int(image.min()), int(image.max())
+    if high - low <= 2:
+        raise PipelineError(f"{name}: {what} is blank (grey levels {low}–{high} only): a dropped frame? "
+                            "give another frame number or replace the file")
+    return image
+
+
 def read_pair(job: FrameJob) -> tuple[np.ndarray, np.ndarray]:
-    """The onset and apex frames of `job`, RGB uint8, checked to share a size."""
-    onset = read_rgb(job.onset_path, job.name)
-    apex = read_rgb(job.apex_path, job.name)
+    """The onset and apex frames of `job`, RGB uint8, checked to share a size and not to be blank."""
+    onset = check_not_blank(read_rgb(job.onset_path, job.name), job.name, f"onset frame {job.onset_path}")
+    apex = check_not_blank(read_rgb(job.apex_path, job.name), job.name, f"apex frame {job.apex_path}")
     if onset.shape != apex.shape:
         raise PipelineError(f"{job.name}: onset {job.onset_path.name} is {onset.shape[1]}×{onset.shape[0]} "
                             f"but apex {job.apex_path.name} is {apex.shape[1]}×{apex.shape[0]}: "
@@ -85,12 +99,24 @@ def read_pair(job: FrameJob) -> tuple[np.ndarray, np.ndarray]:
     return onset, apex
 
 
+def outside_share(matrix: np.ndarray, size: int, frame_shape: tuple[int, ...]) -> float:
+    """Share of a `size`² crop made with `matrix` that lies past the frame's edge (filled there by
+    repeating the edge's pixels), on a 32 × 32 grid of the crop."""
+    grid = (np.arange(32) + 0.5) * size / 32
+    xs, ys = np.meshgrid(grid, grid)
+    inverse = cv2.invertAffineTransform(matrix)
+    x, y = (inverse[:, :2] @ np.stack([xs.ravel(), ys.ravel()]) + inverse[:, 2:])
+    height, width = frame_shape[:2]
+    return float(((x < -0.5) | (x > width - 0.5) | (y < -0.5) | (y > height - 0.5)).mean())
+
+
 def align_pair(onset: np.ndarray, apex: np.ndarray, size: int, margin: float, detect_width: int,
                upsample: int, predictor_file: Path, detectors: Sequence[str] = face.DETECTORS,
                cnn_file: Path | None = None) -> dict[str, Any] | None:
     """Aligned onset and apex crops of two same-size RGB frames, the face box in crop pixels
     (`face_box`) and as detected in the frame (`frame_box`), the chain step that found the face
-    (`detector`, see `face.find_face`); None when no face is found."""
+    (`detector`, see `face.find_face`), the share of the crop past the frame's edge (`outside`);
+    None when no face is found."""
     found = face.find_face(onset, detect_width, upsample, detectors, cnn_file)
     if found is None:
         return None
@@ -104,6 +130,7 @@ def align_pair(onset: np.ndarray, apex: np.ndarray, size: int, margin: float, de
         "face_box": np.array([*(centre - half), *(centre + half)], dtype=np.float32),
         "frame_box": box.astype(np.float32),  # not stored by the stage; `predict` reports it
         "detector": detector,
+        "outside": outside_share(matrix, size, onset.shape),  # not stored; a warning above OUTSIDE_WARN
     }
 
 
@@ -157,6 +184,12 @@ def extract_frames(dataset: MicroExpressionDataset, frames_params: dict[str, Any
         raise PipelineError(f"no face found in the onset frame of {len(no_face)} sample(s): "
                             f"{', '.join(no_face)}: check those frames, or set frames.on_no_face=skip")
     kept = [(s, c) for s, c in zip(samples, crops) if c is not None]
+    past_edge = [(c["outside"], f"{s.subject}/{s.sample}") for s, c in kept if c["outside"] > OUTSIDE_WARN]
+    if past_edge:
+        share, worst = max(past_edge)
+        log.warning("%d sample(s) have over %.0f%% of their crop past the frame's edge, filled by repeating "
+                    "the edge's pixels (most: %s, %.0f%%): frames cut tightly around the face; use uncropped "
+                    "frames if the dataset has them", len(past_edge), 100 * OUTSIDE_WARN, worst, 100 * share)
     arrays = {key: np.stack([c[key] for _, c in kept]) for key in ("onset", "apex", "face_box")}
     arrays |= {
         "label": np.array([s.label for s, _ in kept], dtype=np.int64),

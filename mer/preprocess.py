@@ -49,8 +49,9 @@ def preprocess_pair(onset: np.ndarray, apex: np.ndarray, params: dict[str, Any],
     """Two same-size H×W×3 RGB uint8 frames → (sample, milliseconds per step).
 
     sample: `onset` and `apex` (magnified) crops, `flow` and `landmarks` as in the processed HDF5,
-    `face_box` in crop pixels, `frame_box` in onset-frame pixels and `detector`, the chain step that
-    found the face. `name` is the input as the user gave it, for the error when no face is found.
+    `face_box` in crop pixels, `frame_box` in onset-frame pixels, `detector`, the chain step that
+    found the face, and `outside`, the share of the crop past the frame's edge. `name` is the input as
+    the user gave it, for the error when no face is found.
     """
     fp = params["frames"]
     times = [time.perf_counter()]
@@ -68,6 +69,7 @@ def preprocess_pair(onset: np.ndarray, apex: np.ndarray, params: dict[str, Any],
                                models.cnn_file)
     times.append(time.perf_counter())
     sample = {"onset": crop["onset"], "apex": magnified, "flow": flow, "landmarks": landmarks,
-              "face_box": crop["face_box"], "frame_box": crop["frame_box"], "detector": crop["detector"]}
+              "face_box": crop["face_box"], "frame_box": crop["frame_box"], "detector": crop["detector"],
+              "outside": crop["outside"]}
     steps = ("face_alignment", "magnification", "tvl1", "landmarks")
     return sample, {step: 1000 * (b - a) for step, a, b in zip(steps, times, times[1:])}

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from mer.common import PipelineError, atomic_path, run_main, save_figure, single_threaded
-from mer.frames import FrameJob, read_pair
+from mer.frames import FrameJob, check_not_blank, read_pair
 from mer.preprocess import FaceModels, face_models, preprocess_pair
 from model import prepare_batch
 from model.checkpoint import load_checkpoint
@@ -98,7 +98,8 @@ def read_video(path: Path, onset: int, apex: int, name: str) -> tuple[np.ndarray
                 if not ok:
                     raise PipelineError(f"{name}: frame {index} of {path} cannot be decoded: re-encode "
                                         "the video or give a folder of frames")
-                frames[index] = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+                frames[index] = check_not_blank(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), name,
+                                                f"frame {index} of {path}")
             index += 1
     finally:
         capture.release()
@@ -160,6 +161,7 @@ def predict_frames(net: MiHFTr, info: dict[str, Any], faces: FaceModels, onset: 
         "probabilities": {c: float(p) for c, p in zip(classes, probs)},
         "face_box": [round(float(v), 1) for v in sample["frame_box"]],
         "face_found_by": sample["detector"],
+        "crop_outside_frame": round(sample["outside"], 3),  # past the frame's edge, filled by repeating it
         "timings_ms": timings,
     }
     return result, sample

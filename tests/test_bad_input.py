@@ -109,21 +109,30 @@ def test_unreadable_frame_names_the_file(workdir: Path, capsys) -> None:
     assert_nothing_written(workdir)
 
 
-def blank_onset(workdir: Path) -> str:
+def faceless_onset(workdir: Path) -> str:
     folder, (onset, _) = some_sample(workdir)
-    cv2.imwrite(str(onset), np.full((480, 640, 3), 128, np.uint8))
+    ramp = np.repeat(np.linspace(40, 220, 640, dtype=np.float32)[None, :, None], 480, axis=0)
+    cv2.imwrite(str(onset), np.repeat(ramp, 3, axis=2).astype(np.uint8))  # no face, not blank
     return folder.name
 
 
+def test_blank_apex_names_the_sample_and_the_fix(workdir: Path, capsys) -> None:
+    folder, (_, apex) = some_sample(workdir)
+    cv2.imwrite(str(apex), np.zeros((480, 640, 3), np.uint8))  # a dropped frame
+    line = error_line(run_frames, capsys)
+    assert folder.name in line and apex.name in line and "blank" in line and "another frame number" in line
+    assert_nothing_written(workdir)
+
+
 def test_no_face_fails_with_the_list(workdir: Path, capsys) -> None:
-    sample = blank_onset(workdir)
+    sample = faceless_onset(workdir)
     line = error_line(run_frames, capsys)
     assert "no face" in line and sample in line and "frames.on_no_face=skip" in line
     assert_nothing_written(workdir)
 
 
 def test_no_face_skip_reports_in_json(workdir: Path) -> None:
-    sample = blank_onset(workdir)
+    sample = faceless_onset(workdir)
     set_params(workdir, {"frames": {"on_no_face": "skip"}})
     run_frames()
     skipped = json.loads((workdir / "data/interim/no_face.json").read_text())["skipped_no_face"]

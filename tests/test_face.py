@@ -63,7 +63,8 @@ def _write_clip(root: Path, subject: int, emotion: str, frame: np.ndarray, grey:
         cv2.imwrite(str(folder / f"reg_image{number}.bmp"), image)
 
 
-def test_frames_keeps_the_face_hog_misses(tmp_path: Path, grace: np.ndarray) -> None:
+def test_frames_keeps_the_face_hog_misses(tmp_path: Path, grace: np.ndarray,
+                                         caplog: pytest.LogCaptureFixture) -> None:
     _write_clip(tmp_path, 1, "negative", _tight_crop(grace, 0.15, 180), grey=True)  # as cropped SMIC
     _write_clip(tmp_path, 2, "positive", grace, grey=False)
     dataset = Smic(tmp_path)
@@ -72,15 +73,27 @@ def test_frames_keeps_the_face_hog_misses(tmp_path: Path, grace: np.ndarray) -> 
     with pytest.raises(PipelineError, match=r"no face found .* 1 sample\(s\): smic_s01/s1_ne_01"):
         extract_frames(dataset, FRAMES_PARAMS | {"detectors": ["hog", "hog_upsampled"]}, predictor, workers=1)
 
+    caplog.clear()
     arrays, no_face = extract_frames(dataset, FRAMES_PARAMS | {"detectors": list(face.DETECTORS)}, predictor,
                                      workers=1)
     assert no_face == []
+    # the face-only frame is too small for the crop's square: said, naming it, not the full portrait
+    warned = [r.getMessage() for r in caplog.records if "past the frame's edge" in r.getMessage()]
+    assert len(warned) == 1 and "1 sample(s)" in warned[0] and "smic_s01/s1_ne_01" in warned[0], warned
     assert arrays["sample"].tolist() == ["s1_ne_01", "s2_po_01"]
     assert arrays["detector"].tolist() == ["cnn", "hog"]
     assert arrays["onset"].shape == (2, 224, 224, 3)
     # both aligned crops frame the face: the landmarks stage's re-detection finds it in each
     for crop in arrays["onset"]:
         assert face.find_face(crop, 224, 1) is not None
+
+
+def test_the_share_of_the_crop_past_the_frame_edge(grace: np.ndarray) -> None:
+    predictor = face.default_predictor_path()
+    assert align_pair(grace, grace, 224, 0.0, 320, 1, predictor)["outside"] == 0.0  # the face well inside
+    tight = _tight_crop(grace, 0.05, 180)  # brows to chin, cheek to cheek
+    # the crop's square (3.3 x the 51 points' RMS radius) is larger than this frame: 17% of it past the edge
+    assert 0.1 < align_pair(tight, tight, 224, 0.0, 320, 1, predictor)["outside"] < 0.3
 
 
 def test_landmarks_fall_back_to_the_frames_box() -> None:

@@ -131,6 +131,7 @@ def test_each_form_gives_the_models_output_on_the_hdf5_row(form: str, project: d
                                           "model", "total"]
     left, top, right, bottom = result["face_box"]
     assert 0 <= left < right <= 640 and 0 <= top < bottom <= 480  # onset-frame pixels
+    assert result["crop_outside_frame"] == 0.0  # the whole crop inside the 640×480 frame
 
 
 def test_csv_of_clips_and_the_explain_picture(project: dict, model_file: tuple, tmp_path: Path,
@@ -219,6 +220,7 @@ def changed_model(path: Path) -> None:
         ("csv row longer than its header", ["list.csv line 2", "4 fields but the header 3", "quote"]),
         ("csv column named as an output", ["list.csv", "['class']", "rename"]),
         ("bad device", ["--device", "'gpu0'", "not a torch device", "cpu"]),
+        ("blank apex", ["apex frame", "blank.png", "blank (grey levels 0–0 only)", "another frame number"]),
     ],
 )
 def test_bad_input(case: str, expected: list[str], project: dict, model_file: tuple, tmp_path: Path,
@@ -261,6 +263,9 @@ def test_bad_input(case: str, expected: list[str], project: dict, model_file: tu
     elif case == "csv column named as an output":
         (tmp_path / "list.csv").write_text(f"path,onset,apex,class\n{s.folder},{s.onset},{s.apex},surprise\n")
         inputs = ["--csv", str(tmp_path / "list.csv"), "--out", str(tmp_path / "out.csv")]
+    elif case == "blank apex":  # a dropped frame
+        cv2.imwrite(str(tmp_path / "blank.png"), np.zeros((480, 640, 3), np.uint8))
+        inputs = ["--onset", str(onset), "--apex", str(tmp_path / "blank.png")]
     elif case == "bad device":
         inputs = [*inputs, "--device", "gpu0"]
     out = ["--explain", str(tmp_path / "out.png")] if "--csv" not in inputs else []
@@ -274,8 +279,9 @@ def test_bad_input(case: str, expected: list[str], project: dict, model_file: tu
 def test_no_face_from_the_command_line(model_file: tuple, tmp_path: Path) -> None:
     """In a process of its own: after dlib's CNN detector (the last step of the face chain) has run in a
     process, forked workers that run it hang, and test_bad_input forks the frames stage's workers."""
-    for name in ("blank0.png", "blank1.png"):
-        cv2.imwrite(str(tmp_path / name), np.full((480, 640, 3), 128, np.uint8))
+    ramp = np.repeat(np.linspace(40, 220, 640, dtype=np.float32)[None, :, None], 480, axis=0)
+    for name in ("blank0.png", "blank1.png"):  # no face, but not blank (a blank frame is refused first)
+        cv2.imwrite(str(tmp_path / name), np.repeat(ramp, 3, axis=2).astype(np.uint8))
     before = set(tmp_path.iterdir())
     argv = ["--onset", str(tmp_path / "blank0.png"), "--apex", str(tmp_path / "blank1.png"),
             "--model", str(model_file[0]), "--explain", str(tmp_path / "out.png")]
