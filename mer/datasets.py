@@ -774,8 +774,9 @@ def get_dataset(
     label_defects: str = "repair",
 ) -> MicroExpressionDataset:
     """The dataset `name` (params `data.dataset`) on `root` with its label spreadsheet."""
-    cls = DATASETS.get(str(name).strip().lower())
-    if str(name).strip().lower() == Megc2019.name:
+    key = str(name).strip().lower()
+    cls = DATASETS.get(key)
+    if key == Megc2019.name:
         raise PipelineError("megc2019 reads several datasets' roots and sheets: build it from params.yaml's "
                             "data section with dataset_from_params")
     if cls is None:
