@@ -36,9 +36,13 @@ class FrameJob:
 
 def read_rgb(path: Path, name: str) -> np.ndarray:
     """Frame as H×W×3 uint8 RGB (grey frames repeated on the three channels)."""
+    if not path.is_file():  # before imread, which would also print a warning of its own
+        raise PipelineError(f"{name}: frame {path} does not exist: check the path, or restore the file")
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
-        raise PipelineError(f"{name}: frame {path} is missing or not a readable image: replace the file")
+        raise PipelineError(f"{name}: frame {path} is not a readable image (damaged, or a format OpenCV "
+                            "does not read as 8 or 16 bits, e.g. float TIFF): replace the file or convert it "
+                            "to PNG")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 

@@ -207,6 +207,8 @@ def changed_model(path: Path) -> None:
     ("case", "expected"),
     [
         ("unreadable image", ["onset.jpg", "not a readable image", "replace the file"]),
+        ("float tiff", ["onset.tif", "not a readable image", "float TIFF", "convert it to PNG"]),
+        ("missing image", ["nowhere.jpg", "does not exist", "check the path"]),
         ("missing clip", ["nowhere", "does not exist"]),
         ("frame not in folder", ["onset frame 9999", "frames in", "file names"]),
         ("frame past the end of video", ["apex frame 9999", "past the end", "below"]),
@@ -234,6 +236,11 @@ def test_bad_input(case: str, expected: list[str], project: dict, model_file: tu
     if case == "unreadable image":
         (tmp_path / "onset.jpg").write_bytes(b"not a jpeg")
         inputs = ["--onset", str(tmp_path / "onset.jpg"), "--apex", str(apex)]
+    elif case == "float tiff":
+        cv2.imwrite(str(tmp_path / "onset.tif"), np.random.default_rng(0).random((480, 640, 3), np.float32))
+        inputs = ["--onset", str(tmp_path / "onset.tif"), "--apex", str(apex)]
+    elif case == "missing image":
+        inputs = ["--onset", str(tmp_path / "nowhere.jpg"), "--apex", str(apex)]
     elif case == "missing clip":
         inputs = ["--clip", str(tmp_path / "nowhere"), "--onset", "0", "--apex", "1"]
     elif case == "frame not in folder":
