@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 import yaml
 
@@ -40,6 +41,12 @@ def stage_argv(name: str) -> tuple[str, ...]:
 def labels_dir() -> Path:
     """Real label spreadsheets (not shipped with the project): MER_LABELS_DIR or ../shared."""
     return Path(os.environ.get("MER_LABELS_DIR", REPO.parent / "shared" / "fixtures" / "labels"))
+
+
+def faceless_frame() -> np.ndarray:
+    """A 640×480 RGB frame with no face that is not blank either (a grey ramp, left to right)."""
+    ramp = np.linspace(40, 220, 640).astype(np.uint8)
+    return np.ascontiguousarray(np.broadcast_to(ramp[None, :, None], (480, 640, 3)))
 
 
 def merge(base: dict, update: dict) -> dict:

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, merge, stage_argv
+from conftest import REPO, faceless_frame, merge, stage_argv
 
 from mer.common import atomic_path, run_main
 from stages import frames, landmarks
@@ -111,8 +111,7 @@ def test_unreadable_frame_names_the_file(workdir: Path, capsys) -> None:
 
 def faceless_onset(workdir: Path) -> str:
     folder, (onset, _) = some_sample(workdir)
-    ramp = np.repeat(np.linspace(40, 220, 640, dtype=np.float32)[None, :, None], 480, axis=0)
-    cv2.imwrite(str(onset), np.repeat(ramp, 3, axis=2).astype(np.uint8))  # no face, not blank
+    cv2.imwrite(str(onset), faceless_frame())
     return folder.name
 
 

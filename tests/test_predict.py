@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO
+from conftest import REPO, faceless_frame
 from test_bad_input import error_line
 
 from mer.common import read_h5, write_h5
@@ -286,9 +286,8 @@ def test_bad_input(case: str, expected: list[str], project: dict, model_file: tu
 def test_no_face_from_the_command_line(model_file: tuple, tmp_path: Path) -> None:
     """In a process of its own: after dlib's CNN detector (the last step of the face chain) has run in a
     process, forked workers that run it hang, and test_bad_input forks the frames stage's workers."""
-    ramp = np.repeat(np.linspace(40, 220, 640, dtype=np.float32)[None, :, None], 480, axis=0)
     for name in ("blank0.png", "blank1.png"):  # no face, but not blank (a blank frame is refused first)
-        cv2.imwrite(str(tmp_path / name), np.repeat(ramp, 3, axis=2).astype(np.uint8))
+        cv2.imwrite(str(tmp_path / name), faceless_frame())
     before = set(tmp_path.iterdir())
     argv = ["--onset", str(tmp_path / "blank0.png"), "--apex", str(tmp_path / "blank1.png"),
             "--model", str(model_file[0]), "--explain", str(tmp_path / "out.png")]
