@@ -22,7 +22,9 @@ Frames:
 - SMIC-HS (no spreadsheet: the folders are the labels): `root/s<N>/micro/<emotion>/<clip>/reg_image<N>.bmp`
   (`SMIC_all_cropped/HS`) or `image<N>.bmp` (`SMIC_all_raw/HS`); see `Smic`.
 
-N is the absolute frame number the spreadsheet uses.
+N is the absolute frame number the spreadsheet uses, zero padded or not. Copies converted to another
+image format are read too (`IMAGE_SUFFIXES`, any case: `img46.png`, `006_05562.JPG`); where one
+folder holds a frame twice, the dataset's own format is read.
 
 MEGC2019 composite (`Megc2019`): CASME II + SAMM + SMIC-HS, 3 classes, the samples and classes of
 MEGC2019's `combined_3class_gt.csv` (not the paper's maps: 442 samples, 250 / 109 / 83), onset and
@@ -47,11 +49,17 @@ from mer.common import PipelineError
 log = logging.getLogger(__name__)
 
 LABEL_SUFFIXES = (".xlsx", ".xls", ".csv")
+# frame files OpenCV reads, in the order one is preferred where a folder holds a frame twice
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".bmp", ".png", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm")
 LABEL_DEFECT_POLICIES = ("repair", "drop")
 HEADER_SEARCH_ROWS = 40  # the header row must be among the first rows of the sheet
 
 # (normalised subject, sample, emotion as written) -> class name, or None to leave the row out
 Selector = Callable[[str, str, str], str | None]
+
+
+def _spreadsheets(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in LABEL_SUFFIXES)
 
 
 @dataclass(frozen=True)
@@ -126,6 +134,7 @@ class MicroExpressionDataset(ABC):
     subject_folder_prefix: ClassVar[str] = ""  # "sub" for CASME II: root/sub01
     subject_example: ClassVar[str] = "sub01, 01 or 1"  # accepted spellings, for messages
     frame_help: ClassVar[str] = ""
+    frame_suffix: ClassVar[str] = ".jpg"  # the format the dataset ships its frames in
 
     def __init__(
         self,
@@ -173,13 +182,16 @@ class MicroExpressionDataset(ABC):
                     f'spreadsheet (`dvc exp run -S data.labels=...`) or to "" to use the one in data.root'
                 )
             return path
-        found = sorted(p for p in self.root.iterdir() if p.is_file() and p.suffix.lower() in LABEL_SUFFIXES)
+        found = _spreadsheets(self.root)
         if len(found) != 1:
             what = "no label spreadsheet" if not found else f"{len(found)} spreadsheets"
             names = f" ({', '.join(p.name for p in found)})" if found else ""
+            # the frames often sit one folder below the spreadsheet (CASME2/Cropped beside CASME2/*.xlsx)
+            above = _spreadsheets(self.root.resolve().parent) if not found else []
+            hint = f"; {above[0]} is one folder up" if len(above) == 1 else ""
             raise PipelineError(
                 f"{what} (.xlsx/.xls/.csv) in data.root {self.root}{names}: set data.labels to the "
-                f"{self.title} coding spreadsheet (`dvc exp run -S data.labels=path/to/file`)"
+                f"{self.title} coding spreadsheet (`dvc exp run -S data.labels=path/to/file`){hint}"
             )
         return found[0]
 
@@ -341,57 +353,76 @@ class MicroExpressionDataset(ABC):
     # ---- frames -------------------------------------------------------------------------
 
     @abstractmethod
-    def frame_names(self, sample: Sample, frame: int) -> list[str]:
-        """Candidate file names of absolute frame `frame`, preferred first."""
+    def frame_stem(self, sample: Sample) -> str:
+        """Regular expression of a frame file's name without its suffix; group 1 is the frame number."""
 
     @abstractmethod
+    def frame_name(self, sample: Sample, frame: int) -> str:
+        """The file name the dataset ships absolute frame `frame` under (for messages)."""
+
     def frame_number(self, sample: Sample, filename: str) -> int | None:
-        """The frame number encoded in a file name of this sample's folder, None if not a frame."""
+        """The frame number a file name of this sample's folder encodes, None if not a frame image."""
+        path = Path(filename)
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            return None
+        match = re.fullmatch(self.frame_stem(sample), path.stem, re.IGNORECASE)
+        return int(match.group(1)) if match else None
 
     def _check_folder(self, sample: Sample) -> None:
-        if not sample.folder.is_dir():
-            raise PipelineError(
-                f"{self.name} {sample.subject}/{sample.sample}: sample folder {sample.folder} "
-                f"does not exist: check data.root (expected {self.frame_help})"
-            )
+        if sample.folder.is_dir():
+            return
+        # a root one level too high (CASME2/ holding Cropped/sub01/...) is the usual slip: name the right one
+        inside = sample.folder.relative_to(self.root)
+        below = [d for d in sorted(self.root.iterdir()) if d.is_dir() and (d / inside).is_dir()]
+        hint = f"; it is under {below[0]}: set data.root to that folder" if below else ""
+        raise PipelineError(
+            f"{self.name} {sample.subject}/{sample.sample}: sample folder {sample.folder} "
+            f"does not exist: check data.root (expected {self.frame_help}){hint}"
+        )
+
+    def frame_files(self, sample: Sample) -> dict[int, Path]:
+        """Frame number -> image file of `sample` (one directory listing), numbers ascending."""
+        self._check_folder(sample)
+
+        def preference(path: Path) -> tuple[bool, int, str]:
+            suffix = path.suffix.lower()
+            rank = IMAGE_SUFFIXES.index(suffix) if suffix in IMAGE_SUFFIXES else len(IMAGE_SUFFIXES)
+            return suffix != self.frame_suffix, rank, path.name
+
+        files: dict[int, Path] = {}
+        for path in sorted(sample.folder.iterdir(), key=preference):
+            number = self.frame_number(sample, path.name)
+            if number is not None and path.is_file():
+                files.setdefault(number, path)
+        return dict(sorted(files.items()))
 
     def frame_path(self, sample: Sample, frame: int) -> Path:
         """The image file of absolute frame number `frame` of `sample`."""
-        self._check_folder(sample)
-        names = self.frame_names(sample, frame)
-        for name in names:
-            path = sample.folder / name
-            if path.is_file():
-                return path
-        tried = " or ".join(str(sample.folder / n) for n in names)
+        files = self.frame_files(sample)
+        if frame in files:
+            return files[frame]
+        present = f"frames present {min(files)}–{max(files)}" if files else "no frame images there"
         raise PipelineError(
-            f"{self.name} {sample.subject}/{sample.sample}: frame {frame} is missing (tried {tried}): "
+            f"{self.name} {sample.subject}/{sample.sample}: frame {frame} is missing (tried "
+            f"{sample.folder / self.frame_name(sample, frame)} in any image format; {present}): "
             f"check data.root and the spreadsheet's frame numbers"
         )
 
     def frame_numbers(self, sample: Sample) -> list[int]:
         """Frame numbers present in `sample.folder`, sorted numerically."""
-        self._check_folder(sample)
-        numbers = {
-            n
-            for p in sample.folder.iterdir()
-            if p.is_file() and (n := self.frame_number(sample, p.name)) is not None
-        }
+        numbers = list(self.frame_files(sample))
         if not numbers:
             raise PipelineError(
                 f"{self.name} {sample.subject}/{sample.sample}: no frame images in {sample.folder} "
                 f"(expected {self.frame_help}): check data.root"
             )
-        return sorted(numbers)
+        return numbers
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(root={str(self.root)!r}, labels={str(self.labels)!r}, "
             f"classes={self.n_classes})"
         )
-
-
-_CASME2_FRAME = re.compile(r"^(?:reg_)?img(\d+)\.jpg$")
 
 
 class Casme2(MicroExpressionDataset):
@@ -441,12 +472,11 @@ class Casme2(MicroExpressionDataset):
     subject_folder_prefix = "sub"
     frame_help = "root/subNN/<Filename>/img<N>.jpg or reg_img<N>.jpg"
 
-    def frame_names(self, sample: Sample, frame: int) -> list[str]:
-        return [f"img{frame}.jpg", f"reg_img{frame}.jpg"]
+    def frame_stem(self, sample: Sample) -> str:
+        return r"(?:reg_)?img(\d+)"
 
-    def frame_number(self, sample: Sample, filename: str) -> int | None:
-        match = _CASME2_FRAME.match(filename)
-        return int(match.group(1)) if match else None
+    def frame_name(self, sample: Sample, frame: int) -> str:
+        return f"img{frame}.jpg"
 
 
 class Samm(MicroExpressionDataset):
@@ -516,14 +546,11 @@ class Samm(MicroExpressionDataset):
     subject_example = "006 or 6"
     frame_help = "root/<subject>/<Filename>/<subject>_<N:05d>.jpg, e.g. 006/006_1_2/006_05562.jpg"
 
-    def frame_names(self, sample: Sample, frame: int) -> list[str]:
-        subject = self.subject_folder(sample.subject)
-        return [f"{subject}_{frame:05d}.jpg"]
+    def frame_stem(self, sample: Sample) -> str:
+        return rf"{self.subject_folder(sample.subject)}_(\d+)"
 
-    def frame_number(self, sample: Sample, filename: str) -> int | None:
-        subject = self.subject_folder(sample.subject)
-        match = re.match(rf"^{subject}_(\d+)\.jpg$", filename)
-        return int(match.group(1)) if match else None
+    def frame_name(self, sample: Sample, frame: int) -> str:
+        return f"{self.subject_folder(sample.subject)}_{frame:05d}.jpg"
 
 
 class Synthetic(Casme2):
@@ -545,7 +572,6 @@ def middle_apex(frames: Sequence[int]) -> int:
 APEX_POLICIES: dict[str, Callable[[Sequence[int]], int]] = {"middle": middle_apex}
 
 _SMIC_SUBJECT = re.compile(r"^s(\d+)$")
-_SMIC_FRAME = re.compile(r"^(?:reg_)?image(\d+)\.bmp$", re.IGNORECASE)
 
 
 class Smic(MicroExpressionDataset):
@@ -568,6 +594,7 @@ class Smic(MicroExpressionDataset):
     subject_folder_prefix = "s"
     subject_example = "s01, s1 or 1"
     frame_help = "root/s<N>/micro/<emotion>/s<N>_<ne|po|sur>_<NN>/reg_image<frame>.bmp or image<frame>.bmp"
+    frame_suffix = ".bmp"
 
     def __init__(self, root: Path | str, labels: Path | str | None = None, classes: int = 3,
                  label_defects: str = "repair", apex_policy: str = "middle") -> None:
@@ -615,14 +642,11 @@ class Smic(MicroExpressionDataset):
                                 f"data.root to the HS folder (e.g. SMIC_all_cropped/HS; {self.frame_help})")
         return sorted(out, key=lambda s: (s.subject, s.sample))
 
-    def frame_names(self, sample: Sample, frame: int) -> list[str]:
-        # the counter may be zero padded: take the name present, else the unpadded spellings
-        present = [p.name for p in sample.folder.iterdir() if self.frame_number(sample, p.name) == frame]
-        return present or [f"reg_image{frame}.bmp", f"image{frame}.bmp"]
+    def frame_stem(self, sample: Sample) -> str:
+        return r"(?:reg_)?image(\d+)"
 
-    def frame_number(self, sample: Sample, filename: str) -> int | None:
-        match = _SMIC_FRAME.match(filename)
-        return int(match.group(1)) if match else None
+    def frame_name(self, sample: Sample, frame: int) -> str:
+        return f"reg_image{frame}.bmp"
 
 
 DATASETS: dict[str, type[MicroExpressionDataset]] = {
@@ -730,17 +754,20 @@ class Megc2019(MicroExpressionDataset):
     def member(self, sample: Sample) -> MicroExpressionDataset:
         return self.members[sample.subject.split("_", 1)[0]]
 
+    def frame_files(self, sample: Sample) -> dict[int, Path]:
+        return self.member(sample).frame_files(sample)
+
     def frame_path(self, sample: Sample, frame: int) -> Path:
         return self.member(sample).frame_path(sample, frame)
 
     def frame_numbers(self, sample: Sample) -> list[int]:
         return self.member(sample).frame_numbers(sample)
 
-    def frame_names(self, sample: Sample, frame: int) -> list[str]:
-        return self.member(sample).frame_names(sample, frame)
+    def frame_stem(self, sample: Sample) -> str:
+        return self.member(sample).frame_stem(sample)
 
-    def frame_number(self, sample: Sample, filename: str) -> int | None:
-        return self.member(sample).frame_number(sample, filename)
+    def frame_name(self, sample: Sample, frame: int) -> str:
+        return self.member(sample).frame_name(sample, frame)
 
     def __repr__(self) -> str:
         roots = {name: str(member.root) for name, member in self.members.items()}

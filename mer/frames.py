@@ -152,13 +152,13 @@ def frame_jobs(dataset: MicroExpressionDataset, samples: list[Sample]) -> list[F
     for s in samples:
         name = f"{s.subject}/{s.sample}"
         paths = []
-        present = dataset.frame_numbers(s)  # one directory listing per sample
+        present = dataset.frame_files(s)  # one directory listing per sample
         for which, number in (("onset", s.onset), ("apex", s.apex)):
             if number not in present:
-                span = f"{present[0]}–{present[-1]}" if present else "none"
+                span = f"{min(present)}–{max(present)}" if present else "none"
                 raise PipelineError(f"{name}: {which} frame {number} is not among the frames present "
                                     f"in {s.folder} ({span}): fix the spreadsheet row or add the frame")
-            paths.append(dataset.frame_path(s, number))
+            paths.append(present[number])
         jobs.append(FrameJob(name, *paths))
     return jobs
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from mer.common import PipelineError, atomic_path, run_main, save_figure, single_threaded
+from mer.datasets import IMAGE_SUFFIXES
 from mer.frames import FrameJob, check_not_blank, read_pair
 from mer.preprocess import FaceModels, face_models, preprocess_pair
 from model import prepare_batch
@@ -36,7 +37,6 @@ from model.mihf_tr import MiHFTr
 from model.training import resolve_device
 
 DEFAULT_MODEL = Path("models/mihf_tr.pt")
-IMAGE_SUFFIXES = {".bmp", ".jpeg", ".jpg", ".png", ".pbm", ".pgm", ".ppm", ".tif", ".tiff", ".webp"}
 CLIP_COLUMNS = ("path", "onset", "apex")
 IMAGE_COLUMNS = ("onset_image", "apex_image")
 BOX_COLUMNS = ("face_left", "face_top", "face_right", "face_bottom")

@@ -331,7 +331,8 @@ def test_missing_frame_error(tmp_path: Path, casme2_labels: Path, samm_labels: P
     samm = Samm(tmp_path, labels=samm_labels)
     s = samm.samples()[0]
     _touch(s.folder)
-    with pytest.raises(PipelineError, match=r"006_1_2: frame 5562 is missing \(tried .*006_05562\.jpg\)"):
+    with pytest.raises(PipelineError, match=r"006_1_2: frame 5562 is missing \(tried .*006_05562\.jpg in any "
+                                            r"image format; no frame images there\)"):
         samm.frame_path(s, 5562)
     with pytest.raises(PipelineError, match="no frame images in"):
         samm.frame_numbers(s)
@@ -346,6 +347,37 @@ def test_missing_sample_folder_error(tmp_path: Path, casme2_labels: Path) -> Non
         message = str(err.value)
         assert "EP02_01f" in message and str(sample.folder) in message
         assert "does not exist" in message and "data.root" in message
+
+
+def test_frames_in_other_formats_padding_and_case(tmp_path: Path, casme2_labels: Path,
+                                                  samm_labels: Path) -> None:
+    # copies converted to PNG, zero-padded counters, upper-case suffixes: the same frames
+    ds = Casme2(tmp_path, labels=casme2_labels)
+    sample = ds.samples()[0]
+    _touch(sample.folder, "img046.png", "img047.PNG", "img100.bmp", "img46.txt", "thumb46.png")
+    assert ds.frame_numbers(sample) == [46, 47, 100]
+    assert ds.frame_path(sample, 46).name == "img046.png"
+    assert ds.frame_path(sample, 47).name == "img047.PNG"
+    # a frame held twice: the dataset's own format (.jpg) is read, then img before reg_img
+    _touch(sample.folder, "img46.jpg", "reg_img46.jpg", "reg_img47.jpg")
+    assert ds.frame_path(sample, 46).name == "img46.jpg"
+    assert ds.frame_path(sample, 47).name == "reg_img47.jpg"
+
+    samm = Samm(tmp_path, labels=samm_labels)
+    s = next(s for s in samm.samples() if s.sample == "006_1_2")
+    _touch(s.folder, "006_5562.JPG", "006_05600.png", "007_05562.png")
+    assert samm.frame_numbers(s) == [5562, 5600]
+    assert samm.frame_path(s, 5562).name == "006_5562.JPG"
+
+
+def test_root_one_level_too_high_names_the_right_folder(tmp_path: Path, casme2_labels: Path) -> None:
+    # CASME2/ holding the spreadsheet and Cropped/sub01/...: data.root set to CASME2/
+    ds = Casme2(tmp_path, labels=casme2_labels)
+    sample = ds.samples()[0]
+    _touch(tmp_path / "Cropped" / "sub01" / sample.sample, "reg_img46.jpg")
+    right = tmp_path / "Cropped"
+    with pytest.raises(PipelineError, match=f"it is under {right}: set data.root to that folder"):
+        ds.frame_numbers(sample)
 
 
 # ---- synthetic + label discovery -------------------------------------------------------------
@@ -403,6 +435,15 @@ def test_no_or_several_sheets_in_root(tmp_path: Path) -> None:
     assert "dvc exp run -S data.labels=" in message
     # an explicit labels path wins
     assert Synthetic(tmp_path, labels=tmp_path / "a.csv").samples()[0].sample == "EP01"
+
+
+def test_spreadsheet_one_folder_up_is_named(tmp_path: Path) -> None:
+    # CASME2/CASME2-coding.xlsx beside CASME2/Cropped/sub01/...: data.root set to Cropped, no data.labels
+    sheet = tmp_path / "CASME2-coding-20190701.xlsx"
+    _write_sheet(sheet, [("01", "EP01", 1, 2, 3, "happiness")])
+    (tmp_path / "Cropped").mkdir()
+    with pytest.raises(PipelineError, match=f"no label spreadsheet .*; {sheet} is one folder up"):
+        Casme2(tmp_path / "Cropped")
 
 
 # ---- validation errors ---------------------------------------------------------------------
