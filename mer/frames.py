@@ -43,7 +43,20 @@ def read_rgb(path: Path, name: str) -> np.ndarray:
         raise PipelineError(f"{name}: frame {path} is not a readable image (damaged, or a format OpenCV "
                             "does not read as 8 or 16 bits, e.g. float TIFF): replace the file or convert it "
                             "to PNG")
+    if jpeg_cut_short(path.read_bytes()):  # OpenCV decodes it, the missing rows grey: a false motion
+        raise PipelineError(f"{name}: frame {path} is a JPEG cut short (no end marker after its image data; "
+                            "an interrupted copy or download): copy the file again from the dataset")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def jpeg_cut_short(data: bytes) -> bool:
+    """True for a JPEG file with no end-of-image marker after its last scan. Inside scan data a 0xFF
+    byte is always followed by 0x00 or a restart marker, so neither marker can appear there by chance;
+    bytes after the end marker (some cameras pad) are allowed."""
+    if not data.startswith(b"\xff\xd8"):
+        return False
+    last_scan = data.rfind(b"\xff\xda")
+    return last_scan >= 0 and data.find(b"\xff\xd9", last_scan) < 0
 
 
 # The crop's framing in units of the 51 kept points' RMS distance from their centroid (eyes levelled):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import cv2
 import h5py
+import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
@@ -17,6 +18,7 @@ import yaml
 from conftest import REPO, faceless_frame, merge, stage_argv
 
 from mer.common import atomic_path, run_main
+from mer.frames import jpeg_cut_short
 from stages import frames, landmarks
 
 SAMPLE_DIR = "sub01"
@@ -107,6 +109,28 @@ def test_unreadable_frame_names_the_file(workdir: Path, capsys) -> None:
     line = error_line(run_frames, capsys)
     assert folder.name in line and onset.name in line and "replace the file" in line
     assert_nothing_written(workdir)
+
+
+def test_jpeg_cut_short_names_the_file(workdir: Path, capsys) -> None:
+    folder, (_, apex) = some_sample(workdir)
+    data = apex.read_bytes()
+    apex.write_bytes(data[: len(data) * 2 // 3])  # OpenCV still decodes it, the lower third grey
+    assert cv2.imread(str(apex)) is not None
+    line = error_line(run_frames, capsys)
+    assert folder.name in line and apex.name in line and "cut short" in line and "copy the file again" in line
+    assert_nothing_written(workdir)
+
+
+def test_jpeg_end_check_on_whole_files() -> None:
+    grace = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    data = grace.read_bytes()
+    assert not jpeg_cut_short(data) and not jpeg_cut_short(data + b"\x00" * 64)  # padding after the end
+    assert jpeg_cut_short(data[:-2]) and jpeg_cut_short(data[: len(data) // 2])
+    _, progressive = cv2.imencode(".jpg", cv2.imread(str(grace)), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    assert not jpeg_cut_short(progressive.tobytes())
+    assert jpeg_cut_short(progressive.tobytes()[:-100])
+    _, png = cv2.imencode(".png", cv2.imread(str(grace)))
+    assert not jpeg_cut_short(png.tobytes()[:-100])  # not a JPEG: left to OpenCV
 
 
 def faceless_onset(workdir: Path) -> str:
