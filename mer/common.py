@@ -86,6 +86,18 @@ def single_threaded_opencv() -> contextlib.AbstractContextManager[None]:
     return single_threaded(cv2.getNumThreads, cv2.setNumThreads)
 
 
+# What this process has run that a forked child cannot use again (dlib's CNN detector: the threads of
+# its pool do not survive a fork, and a child that runs it waits for them forever). While it is not
+# empty, parallel_map starts fresh worker processes instead of forking.
+FORK_UNSAFE: set[str] = set()
+
+
+def _fresh_worker() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # what a forked worker inherits from single_threaded_opencv
+
+
 def parallel_map(
     fn: Callable[[Any], Any], items: Sequence[Any], workers: int, desc: str
 ) -> list[Any]:
@@ -98,7 +110,9 @@ def parallel_map(
         if workers == 1:
             return [fn(item) for item in tqdm(items, **bar)]
         # fork: workers inherit loaded models and imports, so start-up costs nothing per sample.
-        with get_context("fork").Pool(workers) as pool:
+        # "spawn" where this process ran something fork-unsafe: slower to start, never stuck.
+        context = get_context("spawn" if FORK_UNSAFE else "fork")
+        with context.Pool(workers, initializer=_fresh_worker if FORK_UNSAFE else None) as pool:
             return list(tqdm(pool.imap(fn, items, chunksize=1), **bar))
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -142,12 +143,15 @@ class MicroExpressionDataset(ABC):
         labels: Path | str | None = None,
         classes: int = 3,
         label_defects: str = "repair",
+        settings: tuple[str, str] = ("data.root", "data.labels"),
     ) -> None:
+        # the params keys that set root and labels, named in messages (a MEGC2019 member has its own)
+        self.root_key, self.labels_key = settings
         self.root = Path(root)
         if not self.root.is_dir():
             raise PipelineError(
-                f"data.root {self.root} does not exist (dataset {self.name}): "
-                "put the dataset there or set data.root (`dvc exp run -S data.root=...`)"
+                f"{self.root_key} {self.root} does not exist (dataset {self.name}): "
+                f"put the dataset there or set {self.root_key} (`dvc exp run -S {self.root_key}=...`)"
             )
         try:
             n_classes = int(classes)
@@ -178,8 +182,9 @@ class MicroExpressionDataset(ABC):
             path = Path(labels)
             if not path.is_file():
                 raise PipelineError(
-                    f"data.labels {path} does not exist: set data.labels to the {self.title} coding "
-                    f'spreadsheet (`dvc exp run -S data.labels=...`) or to "" to use the one in data.root'
+                    f"{self.labels_key} {path} does not exist: set {self.labels_key} to the {self.title} "
+                    f'coding spreadsheet (`dvc exp run -S {self.labels_key}=...`) or to "" to use the one in '
+                    f"{self.root_key}"
                 )
             return path
         found = _spreadsheets(self.root)
@@ -190,16 +195,20 @@ class MicroExpressionDataset(ABC):
             above = _spreadsheets(self.root.resolve().parent) if not found else []
             hint = f"; {above[0]} is one folder up" if len(above) == 1 else ""
             raise PipelineError(
-                f"{what} (.xlsx/.xls/.csv) in data.root {self.root}{names}: set data.labels to the "
-                f"{self.title} coding spreadsheet (`dvc exp run -S data.labels=path/to/file`){hint}"
+                f"{what} (.xlsx/.xls/.csv) in {self.root_key} {self.root}{names}: set {self.labels_key} to "
+                f"the {self.title} coding spreadsheet (`dvc exp run -S {self.labels_key}=path/to/file`){hint}"
             )
         return found[0]
+
+    def label_files(self) -> list[Path]:
+        """The label files this dataset reads."""
+        return [self.labels]
 
     def _wrong_format(self, detail: str) -> PipelineError:
         expected = ", ".join(self.columns.values())
         return PipelineError(
             f"{self.labels} is not a {self.title} coding file ({detail}; expected columns {expected}): "
-            f"set data.labels to the {self.title} spreadsheet or data.dataset to the matching dataset"
+            f"set {self.labels_key} to the {self.title} spreadsheet or data.dataset to the matching dataset"
         )
 
     def _read_raw(self) -> pd.DataFrame:
@@ -224,7 +233,8 @@ class MicroExpressionDataset(ABC):
             raise PipelineError(f"cannot read {self.labels}: {err}; save it as .xlsx or .csv") from err
         except Exception as err:  # corrupt file, not a spreadsheet, ...
             raise self._wrong_format(f"unreadable: {type(err).__name__}: {err}".replace("\n", " ")) from err
-        raise PipelineError(f"data.labels {self.labels}: unsupported file type, use .xlsx, .xls or .csv")
+        raise PipelineError(f"{self.labels_key} {self.labels}: unsupported file type, use .xlsx, .xls or "
+                            ".csv")
 
     def _read_table(self) -> pd.DataFrame:
         """Rows with columns subject, sample, onset, apex, offset, emotion (text, verbatim)."""
@@ -374,10 +384,10 @@ class MicroExpressionDataset(ABC):
         # a root one level too high (CASME2/ holding Cropped/sub01/...) is the usual slip: name the right one
         inside = sample.folder.relative_to(self.root)
         below = [d for d in sorted(self.root.iterdir()) if d.is_dir() and (d / inside).is_dir()]
-        hint = f"; it is under {below[0]}: set data.root to that folder" if below else ""
+        hint = f"; it is under {below[0]}: set {self.root_key} to that folder" if below else ""
         raise PipelineError(
             f"{self.name} {sample.subject}/{sample.sample}: sample folder {sample.folder} "
-            f"does not exist: check data.root (expected {self.frame_help}){hint}"
+            f"does not exist: check {self.root_key} (expected {self.frame_help}){hint}"
         )
 
     def frame_files(self, sample: Sample) -> dict[int, Path]:
@@ -405,7 +415,7 @@ class MicroExpressionDataset(ABC):
         raise PipelineError(
             f"{self.name} {sample.subject}/{sample.sample}: frame {frame} is missing (tried "
             f"{sample.folder / self.frame_name(sample, frame)} in any image format; {present}): "
-            f"check data.root and the spreadsheet's frame numbers"
+            f"check {self.root_key} and the spreadsheet's frame numbers"
         )
 
     def frame_numbers(self, sample: Sample) -> list[int]:
@@ -414,7 +424,7 @@ class MicroExpressionDataset(ABC):
         if not numbers:
             raise PipelineError(
                 f"{self.name} {sample.subject}/{sample.sample}: no frame images in {sample.folder} "
-                f"(expected {self.frame_help}): check data.root"
+                f"(expected {self.frame_help}): check {self.root_key}"
             )
         return numbers
 
@@ -597,17 +607,22 @@ class Smic(MicroExpressionDataset):
     frame_suffix = ".bmp"
 
     def __init__(self, root: Path | str, labels: Path | str | None = None, classes: int = 3,
-                 label_defects: str = "repair", apex_policy: str = "middle") -> None:
+                 label_defects: str = "repair", apex_policy: str = "middle",
+                 settings: tuple[str, str] = ("data.root", "data.labels")) -> None:
         if apex_policy not in APEX_POLICIES:
             raise PipelineError(f"data.apex_policy is {apex_policy!r}: use one of {', '.join(APEX_POLICIES)}")
         self.apex_policy = apex_policy
-        super().__init__(root, labels, classes, label_defects)
+        super().__init__(root, labels, classes, label_defects, settings)
 
     def _resolve_labels(self, labels: Path | str | None) -> Path:
         if labels is not None and str(labels).strip():
-            raise PipelineError(f'data.labels is {str(labels)!r}: {self.title} has no label spreadsheet, '
-                                'its emotion folders are the labels; set data.labels to ""')
+            raise PipelineError(f"{self.labels_key} is {str(labels)!r}: {self.title} has no label "
+                                "spreadsheet, its emotion folders are the labels; "
+                                f'set {self.labels_key} to ""')
         return self.root  # where the labels come from, for messages
+
+    def label_files(self) -> list[Path]:
+        return []  # the folders are the labels
 
     def subject_folder(self, subject: str) -> str:
         return f"s{self.subject_number(subject)}"
@@ -638,8 +653,9 @@ class Smic(MicroExpressionDataset):
                 apex = APEX_POLICIES[self.apex_policy](frames)
                 out.append(replace(sample, onset=frames[0], apex=apex, offset=frames[-1]))
         if not out and not any(_SMIC_SUBJECT.match(p.name) for p in self.root.iterdir()):
-            raise PipelineError(f"no SMIC subject folders (s1, s2, ...) in data.root {self.root}: set "
-                                f"data.root to the HS folder (e.g. SMIC_all_cropped/HS; {self.frame_help})")
+            raise PipelineError(f"no SMIC subject folders (s1, s2, ...) in {self.root_key} {self.root}: set "
+                                f"{self.root_key} to the HS folder (e.g. SMIC_all_cropped/HS; "
+                                f"{self.frame_help})")
         return sorted(out, key=lambda s: (s.subject, s.sample))
 
     def frame_stem(self, sample: Sample) -> str:
@@ -699,12 +715,13 @@ class Megc2019(MicroExpressionDataset):
                                     f"{', '.join(chosen)}): put the dataset there, set data.roots.{name}, "
                                     f"or leave {name} out of data.members")
             sheet = (sheets or {}).get(name)
+            settings = (f"data.roots.{name}", f"data.sheets.{name}")
             try:
-                self.members[name] = (Smic(root, None, 3, label_defects, apex_policy) if name == Smic.name
-                                      else DATASETS[name](root, sheet, 3, label_defects))
+                self.members[name] = (
+                    Smic(root, None, 3, label_defects, apex_policy, settings) if name == Smic.name
+                    else DATASETS[name](root, sheet, 3, label_defects, settings))
             except PipelineError as err:
-                raise PipelineError(f"megc2019 member {name} (data.roots.{name}, data.sheets.{name}): "
-                                    f"{err}") from err
+                raise PipelineError(f"megc2019 member {name}: {err}") from err
 
     def _wanted(self) -> dict[str, dict[tuple[str, str], str]]:
         """member -> {(subject, Filename): class} from the csv, members left out skipped."""
@@ -750,6 +767,9 @@ class Megc2019(MicroExpressionDataset):
             self.fixes_applied += member.fixes_applied
             self.dropped |= member.dropped
         return sorted(out, key=lambda s: (s.subject, s.sample))
+
+    def label_files(self) -> list[Path]:
+        return [self.labels, *(path for member in self.members.values() for path in member.label_files())]
 
     def member(self, sample: Sample) -> MicroExpressionDataset:
         return self.members[sample.subject.split("_", 1)[0]]
@@ -816,16 +836,27 @@ def dataset_from_params(data: Mapping[str, Any]) -> MicroExpressionDataset:
     """The dataset of params.yaml's `data` section (docs/datasets.md, "Your own dataset")."""
     name = str(data["dataset"]).strip().lower()
     if name == Megc2019.name:
-        # Member roots are relative to data.root, the one folder DVC tracks for the `frames` stage.
+        # Member roots and sheets are relative to data.root, the one folder DVC tracks for `frames`
+        # (an absolute path stays as it is).
         base = Path(data["root"])
-        return Megc2019({m: base / str(p) for m, p in data["roots"].items() if str(p or "").strip()},
-                        data["labels"] or None,
-                        {m: p for m, p in (data.get("sheets") or {}).items() if str(p or "").strip()},
+
+        def under_root(paths: Mapping[str, Any] | None) -> dict[str, Path]:
+            return {m: base / str(p) for m, p in (paths or {}).items() if str(p or "").strip()}
+
+        return Megc2019(under_root(data["roots"]), data["labels"] or None, under_root(data.get("sheets")),
                         data["members"], data["classes"], data["label_defects"], data["apex_policy"])
     if name == Smic.name:
         return Smic(data["root"], data["labels"] or None, data["classes"], data["label_defects"],
                     data["apex_policy"])
     return get_dataset(name, data["root"], data["labels"] or None, data["classes"], data["label_defects"])
+
+
+def unwatched_label_files(dataset: MicroExpressionDataset, root: Path | str) -> list[Path]:
+    """The label files of `dataset` outside `root` (data.root, the folder the `frames` stage declares
+    to DVC): editing one of them does not make `dvc repro` rerun anything. A link inside root is
+    watched (DVC hashes what a link points to)."""
+    inside = Path(os.path.abspath(root))
+    return [path for path in dataset.label_files() if not Path(os.path.abspath(path)).is_relative_to(inside)]
 
 
 def fix_table_markdown() -> str:

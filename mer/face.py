@@ -17,7 +17,7 @@ from typing import TypeVar
 import dlib
 import numpy as np
 
-from mer.common import PipelineError
+from mer.common import FORK_UNSAFE, PipelineError
 
 PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
 CNN_FILE = "mmod_human_face_detector.dat"
@@ -111,6 +111,7 @@ def find_face(image: np.ndarray, detect_width: int, upsample: int, detectors: Se
     small = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else image
     for step in detectors:
         if step == "cnn":
+            FORK_UNSAFE.add("dlib CNN face detector")
             rects = [d.rect for d in cnn_detector(cnn_file or cnn_detector_path(None))(small, upsample)]
         else:
             rects = detector()(small, upsample + (step == "hog_upsampled"))

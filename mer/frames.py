@@ -187,6 +187,18 @@ def crop_jobs(jobs: list[FrameJob], frames_params: dict[str, Any], predictor_fil
     return parallel_map(work, jobs, workers, desc=desc)
 
 
+def warn_past_edge(names: Sequence[str], outside: Sequence[float], what: str = "") -> None:
+    """Warn where over OUTSIDE_WARN of a crop (`outside`: shares, one per sample of `names`) lies past
+    its frame's edge; `what` names the crops (e.g. a report variant)."""
+    past_edge = [(share, name) for share, name in zip(outside, names) if share > OUTSIDE_WARN]
+    if past_edge:
+        share, worst = max(past_edge)
+        log.warning("%s%d sample(s) have over %.0f%% of their crop past the frame's edge, filled by "
+                    "repeating the edge's pixels (most: %s, %.0f%%): frames cut tightly around the face; use "
+                    "uncropped frames if the dataset has them",
+                    what, len(past_edge), 100 * OUTSIDE_WARN, worst, 100 * share)
+
+
 def extract_frames(dataset: MicroExpressionDataset, frames_params: dict[str, Any], predictor_file: Path,
                    workers: int, cnn_file: Path | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
     """Crops of every sample as stacked arrays (`detector`: which chain step found each face), and
@@ -201,12 +213,7 @@ def extract_frames(dataset: MicroExpressionDataset, frames_params: dict[str, Any
         raise PipelineError(f"no face found in the onset frame of {len(no_face)} sample(s): "
                             f"{', '.join(no_face)}: check those frames, or set frames.on_no_face=skip")
     kept = [(s, c) for s, c in zip(samples, crops) if c is not None]
-    past_edge = [(c["outside"], f"{s.subject}/{s.sample}") for s, c in kept if c["outside"] > OUTSIDE_WARN]
-    if past_edge:
-        share, worst = max(past_edge)
-        log.warning("%d sample(s) have over %.0f%% of their crop past the frame's edge, filled by repeating "
-                    "the edge's pixels (most: %s, %.0f%%): frames cut tightly around the face; use uncropped "
-                    "frames if the dataset has them", len(past_edge), 100 * OUTSIDE_WARN, worst, 100 * share)
+    warn_past_edge([f"{s.subject}/{s.sample}" for s, _ in kept], [c["outside"] for _, c in kept])
     arrays = {key: np.stack([c[key] for _, c in kept]) for key in ("onset", "apex", "face_box")}
     arrays |= {
         "label": np.array([s.label for s, _ in kept], dtype=np.int64),
@@ -214,5 +221,7 @@ def extract_frames(dataset: MicroExpressionDataset, frames_params: dict[str, Any
         "sample": np.array([s.sample for s, _ in kept]),
         "emotion": np.array([s.emotion for s, _ in kept]),
         "detector": np.array([c["detector"] for _, c in kept]),
+        # the frames read, as numbered in the files (after label fixes; SMIC: the apex policy's choice)
+        "frame_numbers": np.array([(s.onset, s.apex) for s, _ in kept], dtype=np.int64).reshape(-1, 2),
     }
     return arrays, no_face

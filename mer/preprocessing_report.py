@@ -32,7 +32,7 @@ from mer.common import (
 )
 from mer.datasets import dataset_from_params
 from mer.flow import compute_flow
-from mer.frames import FrameJob, crop_jobs, frame_jobs
+from mer.frames import FrameJob, crop_jobs, frame_jobs, warn_past_edge
 from mer.landmarks import detect_landmarks
 from mer.magnify import magnify_all
 from mer.probes import run_baselines
@@ -56,8 +56,8 @@ def raw_frames(params: dict[str, Any], subjects: np.ndarray, samples: np.ndarray
     wanted = set(zip(subjects, samples))
     kept = [s for s in dataset.samples() if (s.subject, s.sample) in wanted]
     if [(s.subject, s.sample) for s in kept] != list(zip(subjects, samples)):
-        raise PipelineError(f"{dataset.name}: the label spreadsheet under data.root gives other samples than "
-                            "the frames file holds: rerun `dvc repro`")
+        raise PipelineError(f"{dataset.name}: the label spreadsheet gives other samples than the frames file "
+                            "holds: rerun `dvc repro`")
     return RawFrames(frame_jobs(dataset, kept), face.predictor_path(params["landmarks"]["predictor"]),
                      face.cnn_detector_path(params["landmarks"]["cnn_detector"]))
 
@@ -71,6 +71,7 @@ def recrop(raw: RawFrames, frames_params: dict[str, Any], name: str, workers: in
     if lost:
         raise PipelineError(f"preprocessing_report.variants.{name}: no face found in {len(lost)} sample(s) "
                             f"the pipeline's crops have ({', '.join(lost[:5])}): drop its face-finding keys")
+    warn_past_edge([job.name for job in raw.jobs], [crop["outside"] for crop in crops], f"{name}: ")
     arrays = {key: np.stack([crop[key] for crop in crops]) for key in ("onset", "apex", "face_box")}
     arrays["landmarks"], _ = detect_landmarks(arrays["onset"], arrays["apex"], arrays.pop("face_box"),
                                               raw.predictor_file, workers, raw.cnn_file)

@@ -40,6 +40,7 @@ def pack(frames_h5: Path, magnified_h5: Path, flow_h5: Path, landmarks_h5: Path,
         "sample": frames["sample"],
         "emotion": frames["emotion"],
         "detector": frames["detector"],  # the face-finding step of `frames` (docs/hdf5.md)
+        "frame_numbers": frames["frame_numbers"],  # onset, apex as numbered in the frame files
     }
     attrs = {
         "dataset": frame_attrs["dataset"],

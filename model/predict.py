@@ -28,7 +28,7 @@ import torch
 
 from mer.common import PipelineError, atomic_path, run_main, save_figure, single_threaded
 from mer.datasets import IMAGE_SUFFIXES
-from mer.frames import FrameJob, check_not_blank, read_pair
+from mer.frames import FrameJob, check_not_blank, read_pair, warn_past_edge
 from mer.preprocess import FaceModels, face_models, preprocess_pair
 from model import prepare_batch
 from model.checkpoint import load_checkpoint
@@ -223,13 +223,15 @@ def predict_csv(net: MiHFTr, info: dict[str, Any], faces: FaceModels, csv_path: 
     p_<class> and face box to `out` only once all succeeded. Returns the number of clips."""
     header, inputs = csv_inputs(csv_path)
     classes = info["classes"]
-    rows = []
+    rows, names, outside = [], [], []
     for line, (row, clip, onset, apex) in enumerate(inputs, start=2):
-        result, _ = predict_input(net, info, faces, clip, onset, apex, f"{csv_path} line {line}",
-                                  csv_path.parent)
+        names.append(f"{csv_path} line {line}")
+        result, _ = predict_input(net, info, faces, clip, onset, apex, names[-1], csv_path.parent)
+        outside.append(result["crop_outside_frame"])
         rows.append(row | {"class": result["class"]}
                     | {f"p_{c}": f"{result['probabilities'][c]:.6f}" for c in classes}
                     | dict(zip(BOX_COLUMNS, result["face_box"])))
+    warn_past_edge(names, outside)  # once for the file, naming the worst clip
     fields = [*header, "class", *(f"p_{c}" for c in classes), *BOX_COLUMNS]
     with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
@@ -339,6 +341,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     name = args.clip or f"{args.onset}, {args.apex}"
     result, sample = predict_input(net, info, faces, args.clip, args.onset, args.apex, name)
+    warn_past_edge([name], [result["crop_outside_frame"]])
     if args.explain is not None:
         explain_figure(args.explain, net, info, sample, result,
                        f"{name}" + (f" (onset {args.onset}, apex {args.apex})" if args.clip else ""))

@@ -6,6 +6,7 @@ The algorithm lives in mer/frames.py; this module reads params and paths, calls 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 
 from mer import face
@@ -18,8 +19,10 @@ from mer.common import (
     stage_paths,
     write_h5,
 )
-from mer.datasets import dataset_from_params
+from mer.datasets import dataset_from_params, unwatched_label_files
 from mer.frames import extract_frames
+
+log = logging.getLogger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -30,6 +33,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise PipelineError(f"frames.on_no_face is {params['frames']['on_no_face']!r}: use fail or skip")
     detectors = face.check_detectors(params["frames"]["detectors"], "frames.detectors")
     dataset = dataset_from_params(data)
+    for path in unwatched_label_files(dataset, data["root"]):
+        log.warning("%s is outside data.root %s, the folder DVC watches for this stage: an edit of it "
+                    "will not rerun anything (run `dvc repro -f frames` after one), unless a copy or a link "
+                    "of it lies in data.root", path, data["root"])
     predictor_file = face.predictor_path(params["landmarks"]["predictor"])
     # resolved up front so a bad path fails before any work; the model loads only if HOG misses
     cnn_file = face.cnn_detector_path(params["landmarks"]["cnn_detector"]) if "cnn" in detectors else None

@@ -40,7 +40,7 @@ def stage_argv(name: str) -> tuple[str, ...]:
 
 def labels_dir() -> Path:
     """Real label spreadsheets (not shipped with the project): MER_LABELS_DIR or ../shared."""
-    return Path(os.environ.get("MER_LABELS_DIR", REPO.parent / "shared" / "fixtures" / "labels"))
+    return Path(os.environ.get("MER_LABELS_DIR", REPO.parent / "shared" / "fixtures" / "labels")).absolute()
 
 
 def faceless_frame() -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from mer.datasets import (
     get_dataset,
     middle_apex,
     normalise_subject,
+    unwatched_label_files,
 )
 
 LABELS_DIR = labels_dir()
@@ -700,6 +702,49 @@ def test_megc2019_counts(tmp_path: Path, casme2_labels: Path, samm_labels: Path,
     assert len(ds.fixes_applied) == 3 and all(f.startswith("samm ") for f in ds.fixes_applied)
     _touch(tmp_path / "CASME2" / "sub01" / "EP02_01f", "reg_img46.jpg")
     assert ds.frame_numbers(by_name["casme2_sub01", "EP02_01f"]) == [46]
+
+
+def test_megc2019_member_settings_in_messages_and_sheets_under_root(
+    tmp_path: Path, casme2_labels: Path, samm_labels: Path, megc_labels: Path
+) -> None:
+    # the official CASME II layout inside the composite's root: CASME2/<sheet> beside CASME2/Cropped/
+    data = _megc_data(tmp_path, casme2_labels, samm_labels, megc_labels)
+    shutil.copy(casme2_labels, tmp_path / "CASME2" / casme2_labels.name)
+    data["sheets"]["casme2"] = f"CASME2/{casme2_labels.name}"  # relative to data.root, as the roots are
+    ds = dataset_from_params(data)
+    assert ds.members["casme2"].labels == tmp_path / "CASME2" / casme2_labels.name
+    sample = next(s for s in ds.samples() if s.sample == "EP02_01f")
+    _touch(tmp_path / "CASME2" / "Cropped" / "sub01" / "EP02_01f", "reg_img46.jpg")
+    with pytest.raises(PipelineError, match=f"it is under {tmp_path / 'CASME2' / 'Cropped'}: "
+                                            "set data.roots.casme2 to that folder"):
+        ds.frame_numbers(sample)
+    # the root moved to Cropped/, the sheet left to "": the sheet one folder up, named with its key
+    data["roots"]["casme2"], data["sheets"]["casme2"] = "CASME2/Cropped", ""
+    with pytest.raises(PipelineError) as err:
+        dataset_from_params(data)
+    message = str(err.value)
+    assert message.startswith("megc2019 member casme2: no label spreadsheet") and "data.labels" not in message
+    assert "set data.sheets.casme2 to" in message and "one folder up" in message
+
+
+def test_label_files_outside_data_root_are_reported(
+    tmp_path: Path, casme2_labels: Path, samm_labels: Path, megc_labels: Path
+) -> None:
+    # DVC watches data.root: a spreadsheet outside it (CASME II's beside Cropped/) is named
+    root = tmp_path / "CASME2" / "Cropped"
+    root.mkdir(parents=True)
+    outside = tmp_path / "CASME2" / casme2_labels.name
+    shutil.copy(casme2_labels, outside)
+    assert unwatched_label_files(Casme2(root, labels=outside), root) == [outside]
+    (root / outside.name).symlink_to(outside)  # a link in data.root is watched: DVC hashes its target
+    assert unwatched_label_files(Casme2(root), root) == []
+    assert unwatched_label_files(Casme2(root, labels=f"{root}/../Cropped/{outside.name}"), root) == []
+    # the composite: its csv and each member's sheet
+    (tmp_path / "MER").mkdir()
+    data = _megc_data(tmp_path / "MER", casme2_labels, samm_labels, megc_labels)
+    assert set(unwatched_label_files(dataset_from_params(data), data["root"])) == {
+        megc_labels, casme2_labels, samm_labels}
+    assert unwatched_label_files(Smic(data["root"] + "/SMIC_all_cropped/HS"), data["root"]) == []
 
 
 def test_megc2019_subset_and_missing_root(

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -16,8 +18,9 @@ from skimage import data
 from mer import face
 from mer.common import PipelineError, load_params
 from mer.datasets import Samm, Smic
-from mer.frames import align_pair, extract_frames
+from mer.frames import FrameJob, align_pair, extract_frames
 from mer.landmarks import fit_pair
+from mer.preprocessing_report import RawFrames, recrop
 
 FRAMES_PARAMS = {"size": 224, "margin": 0.15, "detect_width": 320, "upsample": 1, "on_no_face": "fail"}
 
@@ -94,6 +97,45 @@ def test_the_share_of_the_crop_past_the_frame_edge(grace: np.ndarray) -> None:
     tight = _tight_crop(grace, 0.05, 180)  # brows to chin, cheek to cheek
     # the crop's square (3.3 x the 51 points' RMS radius) is larger than this frame: 17% of it past the edge
     assert 0.1 < align_pair(tight, tight, 224, 0.0, 320, 1, predictor)["outside"] < 0.3
+
+
+def test_report_variant_warns_of_its_crop_past_the_edge(tmp_path: Path, grace: np.ndarray,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    # a wider crop re-cut from face-only frames (an official Cropped set: the face's box and 10% more)
+    # repeats their edges: said, where the default margin's crop is not
+    (left, top, right, bottom), _ = face.find_face(grace, grace.shape[1], 1, detectors=["hog"])
+    grow = 0.1 * (right - left)
+    cropped = grace[int(top - grow):int(bottom + grow), int(left - grow):int(right + grow)]
+    tight = cv2.cvtColor(cropped, cv2.COLOR_RGB2BGR)
+    onset, apex = tmp_path / "onset.png", tmp_path / "apex.png"
+    for path in (onset, apex):
+        cv2.imwrite(str(path), tight)
+    raw = RawFrames([FrameJob("s1/clip", onset, apex)], face.default_predictor_path(),
+                    face.cnn_detector_path(""))
+    for margin, warned in ((0.0, False), (0.15, True)):
+        caplog.clear()
+        recrop(raw, FRAMES_PARAMS | {"margin": margin, "detectors": list(face.DETECTORS)}, "wider_crop",
+               workers=1)
+        lines = [r.getMessage() for r in caplog.records if "past the frame's edge" in r.getMessage()]
+        assert bool(lines) == warned, (margin, lines)
+    assert lines[0].startswith("wider_crop: 1 sample(s)") and "s1/clip" in lines[0]
+
+
+def test_cnn_run_here_then_in_workers_does_not_hang() -> None:
+    # dlib's CNN run in this process, then in pool workers: forked ones would wait forever for the
+    # threads of its pool (a stage never does this, a notebook may); in a subprocess, with a timeout
+    script = (
+        "import functools, numpy as np\n"
+        "from mer import face\n"
+        "from mer.common import parallel_map\n"
+        "image = np.full((240, 320, 3), 128, np.uint8)\n"
+        "find = functools.partial(face.find_face, detect_width=320, upsample=0, detectors=['cnn'])\n"
+        "assert find(image) is None\n"
+        "print(parallel_map(find, [image, image], 2, 'cnn'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0 and "[None, None]" in done.stdout, done.stderr[-2000:]
 
 
 def test_landmarks_fall_back_to_the_frames_box() -> None:

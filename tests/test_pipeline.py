@@ -56,6 +56,13 @@ def test_processed_file_has_the_contract_arrays(processed_h5: Path) -> None:
         assert all(s.startswith("synthetic_sub") for s in subjects)
         assert len(set(zip(subjects, f["sample"].asstr()[()]))) == n  # every clip once
         assert set(f["emotion"].asstr()[()]) <= {"happiness", "disgust", "repression", "surprise"}
+        # the spreadsheet's onset and apex of each sample
+        sheet = get_dataset("synthetic", processed_h5.parents[2] / "data" / "raw" / "synthetic").samples()
+        expected = {(s.subject, s.sample): (s.onset, s.apex) for s in sheet}
+        numbers = f["frame_numbers"][()]
+        assert numbers.dtype == np.int64 and (numbers[:, 1] > numbers[:, 0]).all()
+        keys = zip(subjects, f["sample"].asstr()[()])
+        assert [tuple(pair) for pair in numbers] == [expected[key] for key in keys]
         assert "magnified" in f.attrs["apex_frame"]
         assert "opencv-contrib-python-headless" in f.attrs["versions"]
         assert '"flow"' in f.attrs["params"]

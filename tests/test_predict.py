@@ -21,6 +21,7 @@ import yaml
 from conftest import REPO, faceless_frame
 from test_bad_input import error_line
 
+from mer import face
 from mer.common import read_h5, write_h5
 from mer.datasets import Sample, get_dataset
 from mer.frames import FrameJob, read_pair
@@ -132,6 +133,25 @@ def test_each_form_gives_the_models_output_on_the_hdf5_row(form: str, project: d
     left, top, right, bottom = result["face_box"]
     assert 0 <= left < right <= 640 and 0 <= top < bottom <= 480  # onset-frame pixels
     assert result["crop_outside_frame"] == 0.0  # the whole crop inside the 640×480 frame
+
+
+def test_face_only_frames_are_warned_of(project: dict, model_file: tuple, tmp_path: Path, capsys,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    # frames cut to the face (a tight copy of sample 1's pair): the crop repeats their edges, said on stderr
+    dataset, s = project["dataset"], project["samples"][1]
+    onset = cv2.imread(str(dataset.frame_path(s, s.onset)))
+    (left, top, right, bottom), _ = face.find_face(onset, 640, 1, detectors=["hog"])
+    paths = []
+    for number in (s.onset, s.apex):
+        frame = cv2.imread(str(dataset.frame_path(s, number)))
+        paths.append(tmp_path / f"{number}.png")
+        cv2.imwrite(str(paths[-1]), frame[int(top):int(bottom), int(left):int(right)])
+    result = run_predict(["--onset", str(paths[0]), "--apex", str(paths[1]), "--model", str(model_file[0])],
+                         capsys)
+    warned = [r.getMessage() for r in caplog.records if "past the frame's edge" in r.getMessage()]
+    assert result["crop_outside_frame"] > 0.1
+    share = f"{100 * result['crop_outside_frame']:.0f}%"
+    assert len(warned) == 1 and f"most: {paths[0]}, {paths[1]}, {share}" in warned[0], warned
 
 
 def test_csv_of_clips_and_the_explain_picture(project: dict, model_file: tuple, tmp_path: Path,
