@@ -25,6 +25,7 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from mer.common import PipelineError, atomic_path, run_main, save_figure, single_threaded
 from mer.datasets import IMAGE_SUFFIXES
@@ -40,6 +41,7 @@ DEFAULT_MODEL = Path("models/mihf_tr.pt")
 CLIP_COLUMNS = ("path", "onset", "apex")
 IMAGE_COLUMNS = ("onset_image", "apex_image")
 BOX_COLUMNS = ("face_left", "face_top", "face_right", "face_bottom")
+FACE_COLUMNS = (*BOX_COLUMNS, "face_found_by", "crop_outside_frame")  # as in one clip's JSON
 FIGURE_FORMATS = ("png", "pdf", "svg")
 
 
@@ -199,7 +201,7 @@ def csv_inputs(path: Path) -> tuple[list[str], list[tuple[dict[str, str], str | 
     else:
         raise PipelineError(f"{path} has columns {header}: give either {', '.join(CLIP_COLUMNS)} or "
                             f"{', '.join(IMAGE_COLUMNS)}, one clip per row")
-    clash = [c for c in header if c == "class" or c.startswith("p_") or c in BOX_COLUMNS]
+    clash = [c for c in header if c == "class" or c.startswith("p_") or c in FACE_COLUMNS]
     if clash:
         raise PipelineError(f"{path} has input columns {clash}, names the predictions are written under: "
                             "rename them")
@@ -220,19 +222,22 @@ def csv_inputs(path: Path) -> tuple[list[str], list[tuple[dict[str, str], str | 
 def predict_csv(net: MiHFTr, info: dict[str, Any], faces: FaceModels, csv_path: Path,
                 out: Path) -> int:
     """Predict every row of `csv_path` (relative paths from its folder); write the rows plus class,
-    p_<class> and face box to `out` only once all succeeded. Returns the number of clips."""
+    p_<class>, face box, the face-finding step and the crop's share past the frame's edge to `out`
+    only once all succeeded. Returns the number of clips."""
     header, inputs = csv_inputs(csv_path)
     classes = info["classes"]
     rows, names, outside = [], [], []
-    for line, (row, clip, onset, apex) in enumerate(inputs, start=2):
+    bar = tqdm(inputs, desc="predict", unit="clip", disable=len(inputs) < 2)
+    for line, (row, clip, onset, apex) in enumerate(bar, start=2):
         names.append(f"{csv_path} line {line}")
         result, _ = predict_input(net, info, faces, clip, onset, apex, names[-1], csv_path.parent)
         outside.append(result["crop_outside_frame"])
         rows.append(row | {"class": result["class"]}
                     | {f"p_{c}": f"{result['probabilities'][c]:.6f}" for c in classes}
-                    | dict(zip(BOX_COLUMNS, result["face_box"])))
+                    | dict(zip(FACE_COLUMNS, [*result["face_box"], result["face_found_by"],
+                                              result["crop_outside_frame"]])))
     warn_past_edge(names, outside)  # once for the file, naming the worst clip
-    fields = [*header, "class", *(f"p_{c}" for c in classes), *BOX_COLUMNS]
+    fields = [*header, "class", *(f"p_{c}" for c in classes), *FACE_COLUMNS]
     with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()

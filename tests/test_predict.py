@@ -170,6 +170,7 @@ def test_csv_of_clips_and_the_explain_picture(project: dict, model_file: tuple, 
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["id"] for r in rows] == ["clip0", "clip1"]
+    assert all(r["face_found_by"] == "hog" and float(r["crop_outside_frame"]) == 0.0 for r in rows)
     for i, row in enumerate(rows):
         got = np.array([float(row[f"p_{c}"]) for c in project["classes"]])
         np.testing.assert_allclose(got, row_probabilities(net, project, i), rtol=0, atol=1e-6)
