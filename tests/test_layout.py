@@ -5,12 +5,15 @@
   inside functions included), and the module import graph has no cycle;
 - each stage's code deps in dvc.yaml are exactly the repository files its module imports, directly or
   through other modules, lazy imports included (a package's `__init__.py` counts when it holds code):
-  editing one stage's algorithm does not invalidate another stage, and no code a stage runs is missed.
+  editing one stage's algorithm does not invalidate another stage, and no code a stage runs is missed;
+- the committed dvc.lock files are of the code and params in the repository (a clone's `dvc status`
+  is clean).
 """
 
 from __future__ import annotations
 
 import ast
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -135,3 +138,24 @@ def test_stage_deps_are_exactly_the_code_it_imports(stage: str) -> None:
     imports = code_files(module)
     assert deps == imports, (f"{stage}: dvc.yaml lists {sorted(deps - imports)} that it does not import, "
                              f"and misses {sorted(imports - deps)}")
+
+
+@pytest.mark.parametrize("lock", ["dvc.lock", "magnification/dvc.lock"])
+def test_committed_lock_is_of_this_code_and_params(lock: str) -> None:
+    """The committed dvc.lock files record the code and params in the repository, so a clone's
+    `dvc status` shows no stage changed (a code edit without its `dvc repro` fails here)."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    stale = []
+    for name, stage in yaml.safe_load((REPO / lock).read_text())["stages"].items():
+        for dep in stage.get("deps", []):
+            path = REPO / dep["path"]
+            if path.suffix == ".py" and hashlib.md5(path.read_bytes()).hexdigest() != dep["md5"]:
+                stale.append(f"{name}: {dep['path']}")
+        for key, value in stage.get("params", {}).get("params.yaml", {}).items():
+            current = params
+            for part in key.split("."):
+                current = current.get(part) if isinstance(current, dict) else None
+            if current != value:
+                stale.append(f"{name}: params {key}")
+    pipeline = lock.replace(".lock", ".yaml")
+    assert not stale, f"{lock} is not of this code/params ({stale}): run dvc repro {pipeline}"
