@@ -59,8 +59,15 @@ HEADER_SEARCH_ROWS = 40  # the header row must be among the first rows of the sh
 Selector = Callable[[str, str, str], str | None]
 
 
+def is_system_file(path: Path) -> bool:
+    """A file no dataset ships: hidden (macOS copies leave `._<name>` beside every file), or Excel's
+    lock file of an open workbook (`~$<name>`)."""
+    return path.name.startswith((".", "~$"))
+
+
 def _spreadsheets(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in LABEL_SUFFIXES)
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in LABEL_SUFFIXES and not is_system_file(p))
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from mer.common import PipelineError, atomic_path, run_main, save_figure, single_threaded
-from mer.datasets import IMAGE_SUFFIXES
+from mer.datasets import IMAGE_SUFFIXES, is_system_file
 from mer.frames import FrameJob, check_not_blank, read_pair, warn_past_edge
 from mer.preprocess import FaceModels, face_models, preprocess_pair
 from model import prepare_batch
@@ -61,7 +61,7 @@ def folder_frames(folder: Path, name: str) -> dict[int, Path]:
     numbered: dict[int, Path] = {}
     for path in sorted(folder.iterdir()):
         digits = re.findall(r"\d+", path.stem)
-        if not (path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and digits):
+        if not (path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and digits) or is_system_file(path):
             continue
         number = int(digits[-1])
         if number in numbered:

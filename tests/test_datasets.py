@@ -296,7 +296,7 @@ def _touch(folder: Path, *names: str) -> None:
 def test_casme2_frame_numbers_sorted_numerically(tmp_path: Path, casme2_labels: Path) -> None:
     ds = Casme2(tmp_path, labels=casme2_labels)
     sample = ds.samples()[0]  # sub01/EP02_01f
-    _touch(sample.folder, "img100.jpg", "img9.jpg", "img46.jpg", "Thumbs.db", "notes.txt")
+    _touch(sample.folder, "img100.jpg", "img9.jpg", "img46.jpg", "Thumbs.db", "notes.txt", "._img46.jpg")
     assert ds.frame_numbers(sample) == [9, 46, 100]
     assert ds.frame_path(sample, 46) == tmp_path / "sub01" / "EP02_01f" / "img46.jpg"
     assert ds.frame_path(sample, 100).name == "img100.jpg"
@@ -437,6 +437,14 @@ def test_no_or_several_sheets_in_root(tmp_path: Path) -> None:
     assert "dvc exp run -S data.labels=" in message
     # an explicit labels path wins
     assert Synthetic(tmp_path, labels=tmp_path / "a.csv").samples()[0].sample == "EP01"
+
+
+def test_system_files_beside_the_spreadsheet_are_not_spreadsheets(tmp_path: Path) -> None:
+    # a copy made on a Mac leaves ._<name> beside each file; Excel keeps ~$<name> while the sheet is open
+    _write_sheet(tmp_path / "CASME2-coding.xlsx", [("01", "EP01", 1, 2, 3, "happiness")])
+    for junk in ("._CASME2-coding.xlsx", "~$CASME2-coding.xlsx"):
+        (tmp_path / junk).write_bytes(b"\x00\x05\x16\x07")
+    assert Synthetic(tmp_path).labels == tmp_path / "CASME2-coding.xlsx"
 
 
 def test_spreadsheet_one_folder_up_is_named(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -120,8 +121,11 @@ def test_each_form_gives_the_models_output_on_the_hdf5_row(form: str, project: d
     s = project["samples"][i]
     if form == "images":
         argv = ["--onset", str(dataset.frame_path(s, s.onset)), "--apex", str(dataset.frame_path(s, s.apex))]
-    elif form == "folder":
-        argv = ["--clip", str(s.folder), "--onset", str(s.onset), "--apex", str(s.apex)]
+    elif form == "folder":  # as copied from a Mac: a resource fork ._<name> beside each frame
+        folder = Path(shutil.copytree(s.folder, tmp_path / s.sample))
+        for frame in list(folder.iterdir()):
+            (folder / f"._{frame.name}").write_bytes(b"\x00\x05\x16\x07")
+        argv = ["--clip", str(folder), "--onset", str(s.onset), "--apex", str(s.apex)]
     else:
         numbers = write_video(s, dataset, tmp_path / "clip.avi")
         argv = ["--clip", str(tmp_path / "clip.avi"), "--onset", str(numbers.index(s.onset)),
