@@ -11,7 +11,7 @@ self-attention plus mean pooling cannot tell which landmark a token came from (i
 invariant). It starts at std POS_STD = 0.3 (tokens arrive at ~0.5 per element), not the usual 0.02:
 a landmark's movement means one class at the brow and another at the mouth, and at 0.02 the identity
 is lost next to the content (chosen on synthetic seed 1, docs/experiments.md). GCMiF = 540,160
-parameters; the whole model 3.35M, 2% under the paper's 3.419074M (see model/__init__.py).
+parameters; the whole model 3,444,686, 0.75% over the paper's 3,419,074 (see model/__init__.py).
 
 Alternatives (`global_fusion`): `sa` (the above), `mean` / `max` (pooling of the tokens), `lstm`
 (one LSTM layer, hidden d, over the tokens in landmark order, then mean pooling of its outputs).

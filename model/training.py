@@ -111,6 +111,10 @@ def configure(params: dict) -> tuple[TrainConfig, ModelConfig, torch.device]:
         model_cfg = ModelConfig.from_params(params.get("model"))
     except ValueError as err:
         raise PipelineError(f"params.yaml model: {err}") from err
+    if cfg.flow_jitter and model_cfg.freeze_stems and model_cfg.pretrained != "none":
+        # frozen stems: the jitter scales the cached MF, the same only for a stem without running statistics
+        raise PipelineError("train.flow_jitter with frozen pretrained stems would scale their cached maps, "
+                            "not the flow: set train.flow_jitter: 0 or model.freeze_stems: false")
     if cfg.fold_batch != 1 and model_cfg.global_fusion == "lstm" and model_cfg.gcmif:
         raise PipelineError("train.fold_batch must be 1 with model.global_fusion: lstm (no batched LSTM)")
     device = resolve_device(cfg.device)

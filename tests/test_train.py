@@ -106,6 +106,10 @@ def test_bad_train_params_are_one_line_errors():
             training.TrainConfig.from_params({key: value})
     with pytest.raises(PipelineError, match="fold_batch must be 1 with model.global_fusion: lstm"):
         training.configure({"train": {"fold_batch": 0, "device": "cpu"}, "model": {"global_fusion": "lstm"}})
+    with pytest.raises(PipelineError, match="flow_jitter with frozen pretrained stems"):
+        training.configure({"train": {"flow_jitter": 0.2, "device": "cpu"},
+                            "model": {"pretrained": "imagenet", "freeze_stems": True}})
+    training.configure({"train": {"flow_jitter": 0.2, "device": "cpu"}, "model": {"freeze_stems": True}})
 
 
 def test_batches_cover_the_fold_once_without_singletons():
