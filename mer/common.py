@@ -151,6 +151,12 @@ def new_figure(nrows: int = 1, ncols: int = 1, **kwargs: Any) -> tuple[Any, Any]
     return plt.subplots(nrows, ncols, **kwargs)
 
 
+def round_uint8(image: np.ndarray) -> np.ndarray:
+    """Grey levels (float) rounded to uint8 images: the crops stay float until stored for the model or
+    given to dlib."""
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
 def _attr_value(value: Any) -> Any:
     # HDF5 attributes hold scalars/arrays; nested params go in as JSON text.
     if isinstance(value, (dict, list, tuple)):

@@ -64,7 +64,8 @@ def match_illumination(reference: np.ndarray, image: np.ndarray, degree: int, pa
 
 
 def flow_pair(pair: tuple[np.ndarray, np.ndarray], flow_params: dict[str, Any]) -> np.ndarray:
-    """H×W×2 float32 (u = x, v = y) flow from `pair[0]` to `pair[1]` (RGB or grey uint8).
+    """H×W×2 float32 (u = x, v = y) flow from `pair[0]` to `pair[1]` (RGB or grey; uint8, or float32
+    grey levels 0..255 as the `frames` stage's crops, which TV-L1 reads unrounded).
 
     With `flow_params["illumination"]` other than none, the second's lighting is fitted to the
     first's; where the fit changes it by at least `illumination_min` grey levels on average, TV-L1
@@ -76,8 +77,9 @@ def flow_pair(pair: tuple[np.ndarray, np.ndarray], flow_params: dict[str, Any]) 
     if ILLUMINATION_DEGREES[mode] is not None:
         matched = match_illumination(first, second, ILLUMINATION_DEGREES[mode])
         if np.abs(matched - second).mean() >= float(flow_params.get("illumination_min", 0.0)):
-            scaled = [(image / 255).astype(np.float32) for image in (first, matched)]
-            return tvl1(flow_params).calc(*scaled, None).astype(np.float32)
+            second = matched
+    if first.dtype != np.uint8 or second.dtype != np.uint8:
+        first, second = ((image / 255).astype(np.float32) for image in (first, second))
     return tvl1(flow_params).calc(first, second, None).astype(np.float32)
 
 

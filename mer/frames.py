@@ -130,7 +130,8 @@ def outside_share(matrix: np.ndarray, size: int, frame_shape: tuple[int, ...]) -
 def align_pair(onset: np.ndarray, apex: np.ndarray, size: int, margin: float, detect_width: int,
                upsample: int, predictor_file: Path, detectors: Sequence[str] = face.DETECTORS,
                cnn_file: Path | None = None) -> dict[str, Any] | None:
-    """Aligned onset and apex crops of two same-size RGB frames, the face box in crop pixels
+    """Aligned onset and apex crops (float32 grey levels, not rounded: `tests/test_do_no_harm.py`) of two
+    same-size RGB uint8 frames, the face box in crop pixels
     (`face_box`) and as detected in the frame (`frame_box`), the chain step that found the face
     (`detector`, see `face.find_face`), the share of the crop past the frame's edge (`outside`);
     None when no face is found."""
@@ -142,8 +143,10 @@ def align_pair(onset: np.ndarray, apex: np.ndarray, size: int, margin: float, de
     corners = np.array([[box[0], box[1], 1], [box[2], box[3], 1]]) @ matrix.T
     centre, half = corners.mean(0), np.hypot(*matrix[0, :2]) * (box[2] - box[0]) / 2
     return {
-        "onset": warp(onset, matrix, size),
-        "apex": warp(apex, matrix, size),
+        # Float: interpolating a sub-pixel movement gives fractions of a grey level, which rounding would
+        # turn into one-level contours that TV-L1 reads as flow (docs/pipeline.md "The crop").
+        "onset": warp(onset.astype(np.float32), matrix, size),
+        "apex": warp(apex.astype(np.float32), matrix, size),
         "face_box": np.array([*(centre - half), *(centre + half)], dtype=np.float32),
         "frame_box": box.astype(np.float32),  # not stored by the stage; `predict` reports it
         "detector": detector,

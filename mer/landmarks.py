@@ -14,14 +14,15 @@ from pathlib import Path
 import numpy as np
 
 from mer import face
-from mer.common import parallel_map
+from mer.common import parallel_map, round_uint8
 
 
 def fit_pair(job: tuple[np.ndarray, np.ndarray, np.ndarray], predictor_file: Path,
              cnn_file: Path | None = None) -> tuple[np.ndarray, str]:
     """51×4 float32 (x_onset, y_onset, x_apex, y_apex in crop pixels) and the source of the box they
     were fitted from: a `face.DETECTORS` step, or `frames_box` when none finds the face."""
-    onset, apex, frames_box = job
+    onset, apex = (round_uint8(image) for image in job[:2])  # dlib reads 8-bit images
+    frames_box = job[2]
     found = face.find_face(onset, detect_width=onset.shape[1], upsample=1, cnn_file=cnn_file)
     box, source = (frames_box, "frames_box") if found is None else found
     points = [face.landmarks68(image, box, predictor_file)[face.KEPT] for image in (onset, apex)]

@@ -36,6 +36,7 @@ from mer.common import (
     package_versions,
     parallel_map,
     read_h5,
+    round_uint8,
     single_threaded,
     write_h5,
 )
@@ -51,16 +52,13 @@ def _check_pair(onset: np.ndarray, apex: np.ndarray) -> None:
         raise PipelineError(f"onset is {onset.shape} but apex is {apex.shape}: a pair must share its shape")
     if onset.ndim not in (2, 3) or (onset.ndim == 3 and onset.shape[2] != 3):
         raise PipelineError(f"frames are {onset.shape}: expected H×W×3 RGB or H×W grey")
-    if onset.dtype != np.uint8 or apex.dtype != np.uint8:
-        raise PipelineError(f"frames are {onset.dtype}/{apex.dtype}: expected uint8")
-
-
-def _to_uint8(image: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    if onset.dtype != apex.dtype or onset.dtype not in (np.uint8, np.float32):
+        raise PipelineError(f"frames are {onset.dtype}/{apex.dtype}: expected both uint8 or both float32 "
+                            "(grey levels 0..255)")
 
 
 def luminance(image: np.ndarray) -> np.ndarray:
-    """H×W float32 luma of an H×W×3 RGB or H×W grey uint8 image."""
+    """H×W float32 luma of an H×W×3 RGB or H×W grey image (grey levels 0..255)."""
     return image.astype(np.float32) if image.ndim == 2 else image.astype(np.float32) @ LUMA
 
 
@@ -156,17 +154,18 @@ def phase_delta(y_onset: np.ndarray, y_apex: np.ndarray, alpha: float, levels: i
 
 
 # ---------------------------------------------------------------------------------------------
-# Methods: f(onset, apex, alpha, levels, orientations, sigma) -> uint8, inputs already checked.
+# Methods: f(onset, apex, alpha, levels, orientations, sigma) -> float32 grey levels 0..255, not rounded;
+# inputs already checked.
 
 
 def _none(onset: np.ndarray, apex: np.ndarray, alpha: float, **_: Any) -> np.ndarray:
-    return apex.copy()
+    return apex.astype(np.float32)
 
 
 def _linear(onset: np.ndarray, apex: np.ndarray, alpha: float, **_: Any) -> np.ndarray:
     # Written as apex + (α−1)·diff, not onset + α·diff, so α = 1 is exact whatever the rounding.
     a, o = apex.astype(np.float32), onset.astype(np.float32)
-    return _to_uint8(a + np.float32(alpha - 1) * (a - o))
+    return np.clip(a + np.float32(alpha - 1) * (a - o), 0, 255)
 
 
 def _phase(onset: np.ndarray, apex: np.ndarray, alpha: float, levels: int, orientations: int,
@@ -174,7 +173,7 @@ def _phase(onset: np.ndarray, apex: np.ndarray, alpha: float, levels: int, orien
     delta = phase_delta(luminance(onset), luminance(apex), alpha, levels, orientations, sigma)
     if apex.ndim == 3:
         delta = delta[..., None]  # same ΔY on R, G, B: chrominance stays the apex's (see LUMA)
-    return _to_uint8(apex.astype(np.float32) + delta)
+    return np.clip(apex.astype(np.float32) + delta, 0, 255)
 
 
 @functools.cache
@@ -193,7 +192,7 @@ def learned(onset: np.ndarray, apex: np.ndarray, alpha: float, *, weights: Path 
     """The learned magnifier's output at any α, 1 included (magnify_pair short-circuits α = 1)."""
     import torch
 
-    from mer.magnifier import to_tensor, to_uint8
+    from mer.magnifier import to_tensor
 
     model = learned_model(str(weights))
     grey = apex.ndim == 2
@@ -207,10 +206,9 @@ def learned(onset: np.ndarray, apex: np.ndarray, alpha: float, *, weights: Path 
     # one thread: one process per core already (parallel_map)
     with single_threaded(torch.get_num_threads, torch.set_num_threads), torch.inference_mode():
         x = to_tensor(pair)
-        out = to_uint8(model(x[:1], x[1:], torch.tensor([alpha], dtype=torch.float32)))[0, :height, :width]
-    if grey:  # back to grey through the same luma as everywhere else
-        out = _to_uint8(luminance(out))
-    return out
+        out = model(x[:1], x[1:], torch.tensor([alpha], dtype=torch.float32))[0]  # 3×H×W in [-1, 1]
+        out = ((out + 1) * 127.5).clamp(0, 255).permute(1, 2, 0).numpy()[:height, :width]
+    return luminance(out) if grey else out  # back to grey through the same luma as everywhere else
 
 
 METHODS: dict[str, Callable[..., np.ndarray]] = {"none": _none, "linear": _linear, "phase": _phase,
@@ -219,8 +217,9 @@ METHODS: dict[str, Callable[..., np.ndarray]] = {"none": _none, "linear": _linea
 
 def magnify_pair(onset: np.ndarray, apex: np.ndarray, method: str, alpha: float, levels: int = 4,
                  orientations: int = 4, sigma: float = 2.0, weights: Path | str = "") -> np.ndarray:
-    """Apex with α × the onset → apex motion; H×W×3 RGB or H×W grey uint8 in, same shape out.
-    `weights`: the learned magnifier's weights file (method `learned` only)."""
+    """Apex with α × the onset → apex motion; H×W×3 RGB or H×W grey in, same shape and dtype out: uint8
+    rounded, float32 (the `frames` stage's crops) not. `weights`: the learned magnifier's weights file
+    (method `learned` only)."""
     if method not in METHODS:
         raise PipelineError(f"magnify.method is {method!r}: use one of {', '.join(METHODS)}")
     if not (math.isfinite(alpha) and alpha >= 0):
@@ -233,8 +232,9 @@ def magnify_pair(onset: np.ndarray, apex: np.ndarray, method: str, alpha: float,
     _check_pair(onset, apex)
     if alpha == 1:
         return apex.copy()  # the identity by definition; also skips the pyramid's cost
-    return METHODS[method](onset, apex, float(alpha), levels=int(levels), orientations=int(orientations),
-                           sigma=float(sigma), weights=weights)
+    out = METHODS[method](onset, apex, float(alpha), levels=int(levels), orientations=int(orientations),
+                          sigma=float(sigma), weights=weights)
+    return round_uint8(out) if apex.dtype == np.uint8 else out.astype(np.float32, copy=False)
 
 
 def magnify_item(pair: tuple[np.ndarray, np.ndarray], magnify_params: dict[str, Any]) -> np.ndarray:
@@ -246,7 +246,7 @@ def magnify_item(pair: tuple[np.ndarray, np.ndarray], magnify_params: dict[str, 
 
 def magnify_all(onset: np.ndarray, apex: np.ndarray, magnify_params: dict[str, Any],
                 workers: int) -> np.ndarray:
-    """N×H×W(×3) uint8 magnified apexes, one sample per pool task."""
+    """N×H×W(×3) magnified apexes (the crops' dtype), one sample per pool task."""
     work = functools.partial(magnify_item, magnify_params=magnify_params)
     out = parallel_map(work, list(zip(onset, apex)), workers, desc="magnify")
     return np.stack(out) if out else np.zeros_like(apex)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from mer import face
-from mer.common import PipelineError
+from mer.common import PipelineError, round_uint8
 from mer.flow import flow_pair
 from mer.frames import align_pair
 from mer.landmarks import landmarks_pair
@@ -68,8 +68,8 @@ def preprocess_pair(onset: np.ndarray, apex: np.ndarray, params: dict[str, Any],
     landmarks = landmarks_pair((crop["onset"], crop["apex"], crop["face_box"]), models.predictor_file,
                                models.cnn_file)
     times.append(time.perf_counter())
-    sample = {"onset": crop["onset"], "apex": magnified, "flow": flow, "landmarks": landmarks,
-              "face_box": crop["face_box"], "frame_box": crop["frame_box"], "detector": crop["detector"],
-              "outside": crop["outside"]}
+    sample = {"onset": round_uint8(crop["onset"]), "apex": round_uint8(magnified), "flow": flow,
+              "landmarks": landmarks, "face_box": crop["face_box"], "frame_box": crop["frame_box"],
+              "detector": crop["detector"], "outside": crop["outside"]}
     steps = ("face_alignment", "magnification", "tvl1", "landmarks")
     return sample, {step: 1000 * (b - a) for step, a, b in zip(steps, times, times[1:])}

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from mer.common import PipelineError, class_names, package_versions, read_h5
+from mer.common import PipelineError, class_names, package_versions, read_h5, round_uint8
 
 PREPROCESSING_SECTIONS = ("data", "frames", "magnify", "flow", "landmarks")
 TRAINING_ARRAYS = ("apex", "flow", "landmarks", "label", "subject", "sample")
@@ -31,8 +31,8 @@ def pack(frames_h5: Path, magnified_h5: Path, flow_h5: Path, landmarks_h5: Path,
                                 "it is stale, rerun `dvc repro`")
     magnify = params["magnify"]
     arrays = {
-        "onset": frames["onset"],
-        "apex": magnified["apex_magnified"],
+        "onset": round_uint8(frames["onset"]),  # the crops stay float up to here (docs/pipeline.md)
+        "apex": round_uint8(magnified["apex_magnified"]),
         "flow": flow["flow"],
         "landmarks": landmarks["landmarks"],
         "label": frames["label"],
