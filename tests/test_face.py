@@ -16,7 +16,7 @@ from matplotlib import cbook
 from skimage import data
 
 from mer import face
-from mer.common import PipelineError, load_params
+from mer.common import PipelineError, load_params, round_uint8
 from mer.datasets import Samm, Smic
 from mer.frames import FrameJob, align_pair, extract_frames
 from mer.landmarks import fit_pair
@@ -87,8 +87,8 @@ def test_frames_keeps_the_face_hog_misses(tmp_path: Path, grace: np.ndarray,
     assert arrays["detector"].tolist() == ["cnn", "hog"]
     assert arrays["onset"].shape == (2, 224, 224, 3)
     # both aligned crops frame the face: the landmarks stage's re-detection finds it in each
-    for crop in arrays["onset"]:
-        assert face.find_face(crop, 224, 1) is not None
+    for crop in arrays["onset"]:  # float crops, rounded for dlib as the landmarks stage does
+        assert face.find_face(round_uint8(crop), 224, 1) is not None
 
 
 def test_the_share_of_the_crop_past_the_frame_edge(grace: np.ndarray) -> None:
@@ -200,7 +200,7 @@ def test_frames_level_and_fill_a_real_face_in_samm_frames(tmp_path: Path, grace:
     arrays, no_face = extract_frames(Samm(tmp_path, labels=labels), frames_params, predictor, workers=1)
 
     assert no_face == [] and arrays["sample"].tolist() == ["006_1_2", "007_3_1"]
-    crop = arrays["onset"][0]
+    crop = round_uint8(arrays["onset"][0])
     assert crop.shape == (224, 224, 3) and np.array_equal(crop[..., 0], crop[..., 2])
     points = _face_points(crop, predictor)
     before = _face_points(cv2.cvtColor(frame, cv2.COLOR_GRAY2RGB), predictor)
@@ -221,5 +221,5 @@ def test_the_crop_frames_the_face_whichever_detector_found_it(photo: str, grace:
     for step in ("hog", "cnn"):
         crop = align_pair(image, image, 224, 0.0, 320, 1, predictor, detectors=[step])
         assert crop["detector"] == step
-        kept[step] = _face_points(crop["onset"], predictor)[face.KEPT]
+        kept[step] = _face_points(round_uint8(crop["onset"]), predictor)[face.KEPT]
     assert np.abs(kept["hog"] - kept["cnn"]).mean() < 3  # crop pixels
