@@ -23,12 +23,15 @@ import numpy as np
 import pandas as pd
 
 from mer.common import load_params
+from mer.metrics import pooled_scores
+from mer.probes import cell_features, drift_free, probe_predictions
 from mer.synthetic import LABELS_NAME, THREE_CLASS, detect_faces
 
 CROP = 160  # face crop side for the flow, px
 GRID = 8
 APEX_SIDE = 32
 MARGIN = 0.15
+CLASSES = ["negative", "positive", "surprise"]
 
 
 def read_frame(root: Path, subject: str, filename: str, frame: int) -> np.ndarray:
@@ -51,12 +54,6 @@ def farneback(onset: np.ndarray, apex: np.ndarray) -> np.ndarray:
     return cv2.calcOpticalFlowFarneback(onset, apex, None, 0.5, 3, 15, 5, 5, 1.1, 0)
 
 
-def grid_means(flow: np.ndarray, grid: int) -> np.ndarray:
-    h, w = flow.shape[:2]
-    cells = flow[: h - h % grid, : w - w % grid].reshape(grid, h // grid, grid, w // grid, 2)
-    return cells.mean(axis=(1, 3)).ravel()
-
-
 def features(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(flow features, apex features, labels, subject groups) of the 3-class samples."""
     table = pd.read_excel(root / LABELS_NAME, dtype=object)
@@ -70,30 +67,18 @@ def features(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
         if len(faces) != 1:
             raise RuntimeError(f"sub{subject}/{filename}: {len(faces)} faces in the onset frame")
         a, b = face_crop(onset, faces[0], CROP), face_crop(apex, faces[0], CROP)
-        flow = farneback(a, b)
-        flow -= np.median(flow.reshape(-1, 2), axis=0)  # head drift
-        flows.append(grid_means(flow, GRID))
+        flows.append(farneback(a, b))
         apexes.append(face_crop(apex, faces[0], APEX_SIDE).ravel())
-        labels.append(THREE_CLASS[row[8]])
+        labels.append(CLASSES.index(THREE_CLASS[row[8]]))
         groups.append(subject)
-    return np.array(flows), np.array(apexes), np.array(labels), np.array(groups)
+    flow_cells = cell_features(drift_free(np.stack(flows)), GRID)  # the median removed: head drift
+    return flow_cells, np.array(apexes), np.array(labels), np.array(groups)
 
 
 def loso_scores(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> tuple[float, float]:
-    """(UF1, UAR) of a standardised logistic regression, LOSO, predictions pooled over folds."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import f1_score, recall_score
-    from sklearn.model_selection import LeaveOneGroupOut
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    predicted = np.empty_like(y)
-    for train, test in LeaveOneGroupOut().split(x, y, groups):
-        classifier = LogisticRegression(C=0.1, class_weight="balanced", max_iter=5000)
-        model = make_pipeline(StandardScaler(), classifier)
-        model.fit(x[train], y[train])
-        predicted[test] = model.predict(x[test])
-    return f1_score(y, predicted, average="macro"), recall_score(y, predicted, average="macro")
+    """(UF1, UAR) of the baselines' probe (mer/probes.py, C 0.1), LOSO, predictions pooled over folds."""
+    scores = pooled_scores(y, probe_predictions(x, y, groups, 0.1), CLASSES)
+    return scores["uf1"], scores["uar"]
 
 
 def signal_check(root: Path) -> dict[str, tuple[float, float]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import sys
@@ -67,15 +68,22 @@ def worker_count(requested: int) -> int:
 
 
 @contextlib.contextmanager
-def single_threaded(get_threads: Callable[[], int], set_threads: Callable[[int], None]) -> Iterator[None]:
-    """A library's thread pool (torch.get/set_num_threads, cv2.get/setNumThreads) at one thread
+def thread_count(get_threads: Callable[[], int], set_threads: Callable[[int], None],
+                 count: int) -> Iterator[None]:
+    """A library's thread pool (torch.get/set_num_threads, cv2.get/setNumThreads) at `count` threads
     inside the block, restored after it."""
     threads = get_threads()
-    set_threads(1)
+    set_threads(count)
     try:
         yield
     finally:
         set_threads(threads)
+
+
+def single_threaded(get_threads: Callable[[], int],
+                    set_threads: Callable[[int], None]) -> contextlib.AbstractContextManager[None]:
+    """`thread_count` at one thread."""
+    return thread_count(get_threads, set_threads, 1)
 
 
 def single_threaded_opencv() -> contextlib.AbstractContextManager[None]:
@@ -128,6 +136,17 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def save_torch(obj: Any, path: Path | str) -> None:
+    """torch.save, atomic and byte-stable: serialised in memory first (torch.save names the zip's
+    records after the file it writes, and the temp file's name holds a pid), then written in one go."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
 
 
 def save_figure(fig: Any, path: Path | str, dpi: int = 100) -> None:

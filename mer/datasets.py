@@ -413,14 +413,18 @@ class MicroExpressionDataset(ABC):
                 files.setdefault(number, path)
         return dict(sorted(files.items()))
 
-    def frame_path(self, sample: Sample, frame: int) -> Path:
-        """The image file of absolute frame number `frame` of `sample`."""
-        files = self.frame_files(sample)
+    def frame_path(self, sample: Sample, frame: int, files: dict[int, Path] | None = None,
+                   role: str = "") -> Path:
+        """The image file of absolute frame number `frame` of `sample`. `files`: the sample's
+        `frame_files` where the caller has them (one directory listing for several frames); `role`
+        ("onset", "apex") names the frame in the error."""
+        files = self.frame_files(sample) if files is None else files
         if frame in files:
             return files[frame]
         present = f"frames present {min(files)}–{max(files)}" if files else "no frame images there"
         raise PipelineError(
-            f"{self.name} {sample.subject}/{sample.sample}: frame {frame} is missing (tried "
+            f"{self.name} {sample.subject}/{sample.sample}: {f'{role} frame' if role else 'frame'} {frame} "
+            f"is missing (tried "
             f"{sample.folder / self.frame_name(sample, frame)} in any image format; {present}): "
             f"check {self.root_key} and the spreadsheet's frame numbers"
         )
@@ -802,7 +806,8 @@ class Megc2019(MicroExpressionDataset):
 
 
 def normalise_subject(dataset_name: str, raw: Any) -> str:
-    """A subject id as `<dataset>_subNN` (CASME II format) or `samm_NNN`: "sub09", "9", "09", 9 -> one id."""
+    """A subject id as `<dataset>_subNN` (CASME II format), `samm_NNN` or `smic_sNN`: "sub09", "9", "09", 9 ->
+    one id."""
     cls = DATASETS.get(dataset_name)
     if cls is None:
         raise PipelineError(f"unknown dataset {dataset_name!r}: choose one of {', '.join(sorted(DATASETS))}")
@@ -881,5 +886,3 @@ def fix_table_markdown() -> str:
             )
     return "\n".join(lines) + "\n"
 
-
-FIXES_MARKDOWN = fix_table_markdown()

@@ -22,8 +22,9 @@ from mer.common import FORK_UNSAFE, PipelineError
 PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
 CNN_FILE = "mmod_human_face_detector.dat"
 DETECTORS = ("hog", "hog_upsampled", "cnn")  # the fallback chain, in this order
-JAW = slice(0, 17)  # dlib points 0-16: the face contour, unrelated to micro-expressions (paper §3.1)
-KEPT = slice(17, 68)  # the 51 points the model uses: brows, nose, eyes, mouth
+# The 51 points the model uses: brows, nose, eyes, mouth; 0-16, the jaw line, dropped (unrelated to
+# micro-expressions, paper §3.1).
+KEPT = slice(17, 68)
 LEFT_EYE = slice(36, 42)  # image-left eye (the subject's right)
 RIGHT_EYE = slice(42, 48)
 T = TypeVar("T")

@@ -166,16 +166,9 @@ def frame_jobs(dataset: MicroExpressionDataset, samples: list[Sample]) -> list[F
     """Resolve every onset/apex file up front, so a missing frame fails before any work."""
     jobs = []
     for s in samples:
-        name = f"{s.subject}/{s.sample}"
-        paths = []
         present = dataset.frame_files(s)  # one directory listing per sample
-        for which, number in (("onset", s.onset), ("apex", s.apex)):
-            if number not in present:
-                span = f"{min(present)}–{max(present)}" if present else "none"
-                raise PipelineError(f"{name}: {which} frame {number} is not among the frames present "
-                                    f"in {s.folder} ({span}): fix the spreadsheet row or add the frame")
-            paths.append(present[number])
-        jobs.append(FrameJob(name, *paths))
+        jobs.append(FrameJob(f"{s.subject}/{s.sample}", dataset.frame_path(s, s.onset, present, "onset"),
+                             dataset.frame_path(s, s.apex, present, "apex")))
     return jobs
 
 

@@ -14,7 +14,8 @@ Each method magnifies at α = 3; against the truth (the scene rendered at 3d, cl
 * seconds per 224² pair (median of 3, one thread) and the learned net at α = 1 (forced through the
   network, not the α = 1 shortcut of magnify_pair): SSIM of its output vs the apex.
 
-Writes metrics/magnification.json and the plot metrics/magnification_ratio.png.
+Stage `eval_magnification` writes the result to metrics/magnification.json and `plot`'s figure to
+metrics/magnification_ratio.png.
 """
 
 from __future__ import annotations
@@ -39,13 +40,13 @@ from mer.common import (
 )
 from mer.flow import flow_pair
 from mer.magnifier import flow_fields, procedural, quantise, render, to_uint8
-from mer.magnify import learned, learned_model, magnify_pair
+from mer.magnify import METHODS, learned, learned_model, magnify_pair
 
 ALPHA = 3.0
 MOTIONS = (0.1, 0.25, 0.5, 1.0, 2.0)
 NOISE = {"clean": 0.0, "noisy": 2.0}
 KINDS = ("global", "local")
-METHOD_NAMES = ("none", "linear", "phase", "learned")
+METHOD_NAMES = tuple(METHODS)
 SIZE = 128  # evaluation crops; timing uses 224²
 SEED = 20_000  # far from the training seeds
 

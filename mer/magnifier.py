@@ -15,13 +15,13 @@ no normalisation. Three documented changes for CPU-sized training (docs/magnific
 * a LeakyReLU before that last conv (a ReLU there died and froze the net at the identity);
 * h has no biases, so h(0) = 0 and α = 1 is *exactly* the net's reconstruction of the apex.
 
-No stage but the magnifier's own depends on this file (dvc.yaml lists model files one by one), so
-editing it never invalidates `train`, nor editing MiHF-Tr the magnifier.
+The stages that run the net (`magnify`, `preprocessing_report`) depend on this file, so an edit reruns
+them (and, where their outputs change, `flow` → `train`); editing MiHF-Tr (model/) never reruns the
+magnifier's own pipeline.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import time
 from dataclasses import dataclass
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mer.common import PipelineError, atomic_path
+from mer.common import PipelineError, save_torch
 
 # The decoder's last conv starts at this × PyTorch's default init: output ≈ apex at step 0. With a
 # near-zero residual, L1 drives the ReLU before that conv to die within ~50 Adam steps (measured: all
@@ -407,12 +407,8 @@ def train_magnifier(p: dict[str, Any], log: bool = True) -> dict[str, torch.Tens
 
 
 def save_weights(state: dict[str, torch.Tensor], path: Path | str) -> None:
-    """Atomic and byte-stable: serialised in memory (torch.save names the zip's records after the
-    file it writes, and the temp file's name holds a pid), then written in one go."""
-    buffer = io.BytesIO()
-    torch.save({k: v.contiguous() for k, v in state.items()}, buffer)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buffer.getvalue())
+    """The trained state, byte-stable (same params, same file)."""
+    save_torch({k: v.contiguous() for k, v in state.items()}, path)
 
 
 def load_model(path: Path | str) -> Magnifier:

@@ -6,9 +6,10 @@
 Methods (one entry of METHODS each, so `learned` plugs in as one more line):
 
 * none:   the apex as is.
-* linear: two-frame Eulerian, apex + (α − 1)(apex − onset) on the full band, in float, rounded and
-          clipped. A first-order Taylor step: right while the magnified motion is well below a pixel,
-          then it turns into an overshooting intensity difference (docs/magnification.md).
+* linear: two-frame Eulerian, apex + (α − 1)(apex − onset) on the full band, in float, clipped to
+          0..255 (rounded only for uint8 input, as every method's result). A first-order Taylor
+          step: right while the magnified motion is well below a pixel, then it turns into an
+          overshooting intensity difference (docs/magnification.md).
 * phase:  two-frame phase-based (Wadhwa et al. 2013): complex steerable pyramid of the luminance,
           per band the phase difference apex vs onset is amplitude-weighted smoothed and the apex
           phase pushed on by (α − 1) × that difference. Octave bandwidth; `levels` octaves from π/4..π
@@ -65,7 +66,7 @@ def luminance(image: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Complex steerable pyramid (Portilla & Simoncelli 2000 filters, octave bandwidth), built in the
 # frequency domain at full resolution: no down-sampling means no aliasing between levels and any
-# H×W works; at 224² and 4×4 bands it still costs only a few tens of FFTs.
+# H×W works; at 224² and the default (4 + 1) × 4 bands it still costs only a few tens of FFTs.
 
 
 def _lo(r: np.ndarray) -> np.ndarray:
@@ -154,8 +155,8 @@ def phase_delta(y_onset: np.ndarray, y_apex: np.ndarray, alpha: float, levels: i
 
 
 # ---------------------------------------------------------------------------------------------
-# Methods: f(onset, apex, alpha, levels, orientations, sigma) -> float32 grey levels 0..255, not rounded;
-# inputs already checked.
+# Methods: f(onset, apex, alpha, levels, orientations, sigma, weights) -> float32 grey levels 0..255,
+# not rounded; inputs already checked.
 
 
 def _none(onset: np.ndarray, apex: np.ndarray, alpha: float, **_: Any) -> np.ndarray:

@@ -17,13 +17,18 @@ fold), then the plain mean over folds. It is lower and noisier than the pooled s
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sklearn import metrics as skm
 
+from mer.common import atomic_path
+
 DECIMALS = 6
+PER_FOLD_COLUMNS = ("subject", "n", "uf1", "uar", "accuracy")  # metrics/per_fold.csv
 
 
 def _checked(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray,
@@ -130,3 +135,9 @@ def round_floats(obj: Any, decimals: int = DECIMALS) -> Any:
     if isinstance(obj, np.integer):
         return int(obj)
     return obj
+
+
+def write_json(path: Path | str, data: Any) -> None:
+    """`data` as JSON, atomically: floats rounded, keys sorted, two-space indent (stable diffs)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(round_floats(data), sort_keys=True, indent=2) + "\n")

@@ -14,8 +14,15 @@ import numpy as np
 
 from mer.common import PipelineError, class_names, package_versions, read_h5, round_uint8
 
-PREPROCESSING_SECTIONS = ("data", "frames", "magnify", "flow", "landmarks")
+PREPROCESSING_SECTIONS = ("frames", "magnify", "flow", "landmarks")  # params that make the file (and `data`)
 TRAINING_ARRAYS = ("apex", "flow", "landmarks", "label", "subject", "sample")
+
+
+def check_same_samples(path: Path, samples: np.ndarray, frames_h5: Path, frame_samples: np.ndarray) -> None:
+    """An intermediate file at `path` holds the samples of the frames file, in its order; else it is
+    stale (written from another frames file)."""
+    if not np.array_equal(samples, frame_samples):
+        raise PipelineError(f"{path} holds other samples than {frames_h5}: it is stale, rerun `dvc repro`")
 
 
 def pack(frames_h5: Path, magnified_h5: Path, flow_h5: Path, landmarks_h5: Path,
@@ -26,9 +33,7 @@ def pack(frames_h5: Path, magnified_h5: Path, flow_h5: Path, landmarks_h5: Path,
     flow, _ = read_h5(flow_h5, ["flow", "sample"])
     landmarks, _ = read_h5(landmarks_h5, ["landmarks", "sample"])
     for path, part in ((magnified_h5, magnified), (flow_h5, flow), (landmarks_h5, landmarks)):
-        if not np.array_equal(part["sample"], frames["sample"]):
-            raise PipelineError(f"{path} holds other samples than {frames_h5}: "
-                                "it is stale, rerun `dvc repro`")
+        check_same_samples(path, part["sample"], frames_h5, frames["sample"])
     magnify = params["magnify"]
     arrays = {
         "onset": round_uint8(frames["onset"]),  # the crops stay float up to here (docs/pipeline.md)
@@ -47,7 +52,7 @@ def pack(frames_h5: Path, magnified_h5: Path, flow_h5: Path, landmarks_h5: Path,
         "classes": json.loads(frame_attrs["classes"]),
         "label_fixes": json.loads(frame_attrs["label_fixes"]),
         "apex_frame": f"magnified apex: method={magnify['method']}, alpha={magnify['alpha']}; onset as is",
-        "params": {section: params[section] for section in PREPROCESSING_SECTIONS},
+        "params": {section: params[section] for section in ("data", *PREPROCESSING_SECTIONS)},
         "versions": package_versions(),
     }
     return arrays, attrs

@@ -14,7 +14,7 @@ inter-class distance). The paper does not define them; here, for points x_i with
 `aer` are computed on the 2-D embedding centred and scaled to unit RMS radius
 (sqrt(mean ||y_i - mean||^2) = 1): comparable between variants, e.g. two or three modalities.
 `feature_ara` / `feature_aer` are the same on the d-dim F_ME, each row L2-normalised (no t-SNE:
-independent of its perplexity and seed). t-SNE: sklearn, PCA init, fixed `--seed`, exact gradient
+independent of its perplexity and seed). t-SNE: sklearn, PCA init, seed 0, exact gradient
 up to 2000 samples (deterministic), Barnes-Hut above. Writes `--out` (png) and the same path with
 `.json`: sorted keys, 6 decimals.
 
@@ -45,10 +45,9 @@ from typing import Any
 
 import numpy as np
 
-from mer.common import PipelineError, atomic_path, class_names, new_figure, read_h5, run_main, save_figure
-from mer.metrics import pooled_scores, round_floats
+from mer.common import PipelineError, class_names, new_figure, read_h5, run_main, save_figure
+from mer.metrics import PER_FOLD_COLUMNS, pooled_scores, write_json
 
-PER_FOLD_COLUMNS = ("subject", "n", "uf1", "uar", "accuracy")
 EXACT_TSNE_MAX = 2000
 
 
@@ -85,21 +84,24 @@ def class_distances(points: np.ndarray, labels: Sequence[int] | np.ndarray) -> d
 
 # ---- t-SNE ----------------------------------------------------------------------------------------
 
-def tsne_embedding(features: np.ndarray, perplexity: float, seed: int) -> tuple[np.ndarray, float]:
-    """2-D t-SNE of the rows (perplexity clipped below the number of samples); (embedding, perplexity)."""
+TSNE_PERPLEXITY = 30.0  # scikit-learn's default; clipped below the number of samples
+TSNE_SEED = 0
+
+
+def tsne_embedding(features: np.ndarray) -> tuple[np.ndarray, float]:
+    """2-D t-SNE of the rows; (embedding, the perplexity used)."""
     from sklearn.manifold import TSNE
 
     n = len(features)
     if n < 3:
         raise PipelineError(f"t-SNE needs at least 3 samples, the features file holds {n}")
-    perplexity = float(min(perplexity, (n - 1) / 3))
+    perplexity = float(min(TSNE_PERPLEXITY, (n - 1) / 3))
     tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto",
-                random_state=seed, method="exact" if n <= EXACT_TSNE_MAX else "barnes_hut")
+                random_state=TSNE_SEED, method="exact" if n <= EXACT_TSNE_MAX else "barnes_hut")
     return tsne.fit_transform(np.asarray(features, dtype=np.float64)), perplexity
 
 
-def tsne_view(features_path: Path, perplexity: float,
-              seed: int) -> tuple[dict[str, Any], np.ndarray, np.ndarray, dict[str, Any]]:
+def tsne_view(features_path: Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray, dict[str, Any]]:
     """(ARa / AEr numbers, unit-RMS t-SNE points, labels, the file's attrs) of one features file.
     `subject_ara`: ARa with the subjects as the groups (how tightly each subject's points sit
     together, on the same scale)."""
@@ -108,7 +110,7 @@ def tsne_view(features_path: Path, perplexity: float,
     classes = class_names(attrs)
     if features.ndim != 2 or len(features) != len(labels):
         raise PipelineError(f"{features_path}: features {features.shape} do not match {len(labels)} labels")
-    embedding, used_perplexity = tsne_embedding(features, perplexity, seed)
+    embedding, used_perplexity = tsne_embedding(features)
     points = unit_rms(embedding)
     on_tsne = class_distances(points, labels)
     on_features = class_distances(l2_rows(features), labels)
@@ -123,24 +125,23 @@ def tsne_view(features_path: Path, perplexity: float,
         "n_samples": int(len(labels)),
         "dim": int(features.shape[1]),
         "perplexity": used_perplexity,
-        "seed": int(seed),
+        "seed": TSNE_SEED,
     }
     return report, points, labels, attrs
 
 
-def tsne_report(features_path: Path, out_png: Path, perplexity: float = 30.0, seed: int = 0,
-                one_model_path: Path | None = None) -> dict[str, Any]:
+def tsne_report(features_path: Path, out_png: Path, one_model_path: Path | None = None) -> dict[str, Any]:
     """The out-of-fold view (features_path: each subject through the fold model that held it out,
     each fold model its own feature space) and, with `one_model_path`, the one-model view (every
     sample through the final model, in-sample) under `one_model`; one panel each in `out_png`."""
-    report, points, labels, attrs = tsne_view(features_path, perplexity, seed)
+    report, points, labels, attrs = tsne_view(features_path)
     classes = class_names(attrs)
     model = json.loads(attrs["model"]) if "model" in attrs else {}
     name = (f"{attrs.get('dataset', features_path.stem)}"
             + (f" ({' + '.join(model['modalities'])})" if model.get("modalities") else ""))
     panels = [(points, labels, f"{name}: out-of-fold F_ME (one model per fold)", report)]
     if one_model_path is not None:
-        one, one_points, one_labels, _ = tsne_view(one_model_path, perplexity, seed)
+        one, one_points, one_labels, _ = tsne_view(one_model_path)
         report["one_model"] = one
         panels.append((one_points, one_labels, f"{name}: one model (stage fit), in-sample F_ME", one))
     fig, axes = new_figure(1, len(panels), figsize=(6 * len(panels), 5.5), squeeze=False)
@@ -149,8 +150,7 @@ def tsne_report(features_path: Path, out_png: Path, perplexity: float = 30.0, se
                   f"by subject ARa {numbers['subject_ara']:.3f} (unit RMS radius)")
     fig.tight_layout()
     save_figure(fig, out_png)
-    with atomic_path(out_png.with_suffix(".json")) as tmp:
-        tmp.write_text(json.dumps(round_floats(report), sort_keys=True, indent=2) + "\n")
+    write_json(out_png.with_suffix(".json"), report)
     return report
 
 
@@ -334,8 +334,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                  args.zero_method)
         print(format_wilcoxon(result, str(args.a), str(args.b)))
     if args.json:
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(round_floats(result), sort_keys=True, indent=2) + "\n")
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -132,10 +132,6 @@ class SampleSpec:
     def objective_class(self) -> int:
         return objective_class(self.action_units)
 
-    @property
-    def frames(self) -> range:
-        return range(self.onset, self.offset + 1)
-
 
 # ---- the coding sheet ---------------------------------------------------------------------------
 
@@ -516,7 +512,6 @@ def blink_field(points: np.ndarray, closure: float) -> tuple[np.ndarray, np.ndar
     return _bump_field((HEIGHT, WIDTH), np.array(centres), np.array(vectors), np.array(sigmas)), mask
 
 
-@functools.cache
 @functools.cache
 def _noise_table(sigma: float) -> np.ndarray:
     """Gaussian quantiles (sd `sigma`) indexed by a uniform uint16: 3x faster than sampling."""

@@ -15,7 +15,6 @@ torch.save of a plain dict, read back with weights_only=True (loading runs no pi
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -23,22 +22,23 @@ from typing import Any
 
 import torch
 
-from mer.common import PipelineError, atomic_path, package_versions
+from mer.common import PipelineError, package_versions, save_torch
+from mer.processed import PREPROCESSING_SECTIONS
 from model.mihf_tr import MiHFTr, ModelConfig
 
 FORMAT = 2  # 2: state_dict holds gcn.displacement_scale (the fold-set displacement unit)
 KEYS = ("format", "model_config", "num_classes", "classes", "state_dict", "params", "versions", "extra")
-PREPROCESSING = ("frames", "magnify", "flow", "landmarks")
 DATA_KEYS = ("dataset", "classes")
 REFIT = "re-run `dvc repro fit` to write it with this code"
 
 
 def checkpoint_params(params: dict[str, Any]) -> dict[str, Any]:
     """The sections of params.yaml (or of a processed HDF5's `params`) that preprocessing depends on."""
-    missing = [s for s in (*PREPROCESSING, "data") if s not in params]
+    missing = [s for s in (*PREPROCESSING_SECTIONS, "data") if s not in params]
     if missing:
         raise ValueError(f"params lack section(s) {missing}")
-    return {s: params[s] for s in PREPROCESSING} | {"data": {k: params["data"][k] for k in DATA_KEYS}}
+    data = {k: params["data"][k] for k in DATA_KEYS}
+    return {s: params[s] for s in PREPROCESSING_SECTIONS} | {"data": data}
 
 
 def save_checkpoint(path: Path | str, net: MiHFTr, classes: list[str], params: dict[str, Any],
@@ -58,11 +58,7 @@ def save_checkpoint(path: Path | str, net: MiHFTr, classes: list[str], params: d
         "versions": package_versions(),
         "extra": json.loads(json.dumps(extra)),
     }
-    # In memory first: torch.save names the zip's records after the file, and the temp name holds a pid.
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buffer.getvalue())
+    save_torch(payload, path)
 
 
 def _first_line(err: BaseException) -> str:

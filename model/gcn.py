@@ -100,6 +100,9 @@ def displacements(landmarks: Tensor) -> Tensor:
     return landmarks[..., 2:4] - landmarks[..., 0:2]
 
 
+NODE_FEATURES = 6  # per landmark: onset x, y, apex x, y (centred), displacement x, y
+
+
 def node_features(landmarks: Tensor,
                   displacement_scale: Tensor | float = 1 / DISPLACEMENT_SCALE_PX) -> Tensor:
     """B x 51 x 4 crop pixels -> B x 51 x 6 (centred positions, displacement x displacement_scale)."""
@@ -124,8 +127,7 @@ class GCN(nn.Module):
     """`layers` graph convolutions H' = Â H W over the facial graph (eq. 2): B x 51 x 4 -> B x 51 x d;
     `weights`: the first layer's W per node or shared; `activation`: between the layers."""
 
-    def __init__(self, dim: int = 256, layers: int = 2, in_features: int = 6, weights: str = "node",
-                 activation: str = "none"):
+    def __init__(self, dim: int = 256, layers: int = 2, weights: str = "node", activation: str = "none"):
         super().__init__()
         if layers < 1:
             raise ValueError(f"gcn_layers must be >= 1, got {layers}")
@@ -135,9 +137,9 @@ class GCN(nn.Module):
         idx = torch.tensor(EDGES, dtype=torch.long).t()  # 2 x E
         self.register_buffer("edge_index", idx, persistent=False)
         self.edge_logit = nn.Parameter(torch.zeros(idx.shape[1]))  # weight = exp(0) = 1 at init
-        dims = [in_features] + [dim] * layers
-        first = (NodeLinear(NUM_LANDMARKS, in_features, dim) if weights == "node"
-                 else nn.Linear(in_features, dim))
+        dims = [NODE_FEATURES] + [dim] * layers
+        first = (NodeLinear(NUM_LANDMARKS, NODE_FEATURES, dim) if weights == "node"
+                 else nn.Linear(NODE_FEATURES, dim))
         self.linears = nn.ModuleList([first, *(nn.Linear(a, b) for a, b in zip(dims[1:-1], dims[2:]))])
         self.relu = activation == "relu"
         # 1 / the displacement unit: 1 / DISPLACEMENT_SCALE_PX, or 1 / the training samples' RMS

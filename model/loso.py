@@ -46,7 +46,7 @@ import os
 import queue
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -56,15 +56,25 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mer.common import PipelineError, atomic_path, new_figure, save_figure, worker_count, write_h5
+from mer.common import (
+    PipelineError,
+    atomic_path,
+    new_figure,
+    save_figure,
+    single_threaded,
+    thread_count,
+    worker_count,
+    write_h5,
+)
 from mer.metrics import (
+    PER_FOLD_COLUMNS,
     confusion_matrix,
     fold_scores,
     per_dataset_scores,
     per_fold_mean,
     pooled_scores,
-    round_floats,
     subject_datasets,
+    write_json,
 )
 from mer.processed import load_processed
 from model.fold_batch import fit_group
@@ -113,18 +123,6 @@ def _worker(data: FoldData, groups: list[list[Fold]], todo: Any, done: Any, tick
             return
 
 
-@contextlib.contextmanager
-def _threads(device: torch.device, n: int) -> Iterator[None]:
-    """torch's thread count inside the block (on CPU), restored after it."""
-    before = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def run_folds(data: FoldData, folds: list[Fold], workers: int) -> list[FoldResult]:
     """All folds, in groups of `train.fold_batch` (1: each fold alone; 0: one group) trained together.
     On CPU the groups go to forked single-thread worker processes, or, one group or one worker, run
@@ -137,7 +135,9 @@ def run_folds(data: FoldData, folds: list[Fold], workers: int) -> list[FoldResul
     workers = min(worker_count(workers), len(folds))
     try:
         if data.device.type != "cpu" or min(workers, len(groups)) == 1:
-            with _threads(data.device, 1 if size == 1 else workers):
+            threads = (thread_count(torch.get_num_threads, torch.set_num_threads, 1 if size == 1 else workers)
+                       if data.device.type == "cpu" else contextlib.nullcontext())
+            with threads:
                 return [result for group in groups for result in train_group(data, group, bar.update)]
         workers = min(workers, len(groups))
         ctx = get_context("fork")  # the workers inherit `data` (inputs, cached features) without copying
@@ -234,14 +234,8 @@ def evaluate(params: dict, out: Any) -> dict[str, Any]:
         "total_s": round(time.perf_counter() - t_start, 3),
         "train_samples_per_s": round(trained / max(t_end - t_train, 1e-9), 3),
     }
-    with atomic_path(out.timing) as tmp:
-        tmp.write_text(json.dumps(timing, sort_keys=True, indent=2) + "\n")
+    write_json(out.timing, timing)
     return metrics
-
-
-def write_json(path: Path, data: dict) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(round_floats(data), sort_keys=True, indent=2) + "\n")
 
 
 def write_predictions(path: Path, subjects: np.ndarray, samples: np.ndarray, y_true: np.ndarray,
@@ -259,7 +253,7 @@ def write_per_fold(path: Path, y_true: np.ndarray, y_pred: np.ndarray, folds: li
     macro over the classes in that fold) and accuracy, 6 decimals."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["subject", "n", "uf1", "uar", "accuracy"])
+        writer.writerow(PER_FOLD_COLUMNS)
         for fold in folds:
             t, p = y_true[fold.test], y_pred[fold.test]
             uf1, uar = fold_scores(t, p)
@@ -331,7 +325,8 @@ def fit_final(params: dict[str, Any], h5_path: Path) -> FinalModel:
     arrays, attrs, classes = load_processed(h5_path)
     data = FoldData.build(cfg, model_cfg, device, arrays, len(classes))
     everyone, seed = np.arange(len(arrays["label"])), derive_seed(cfg.seed, 2)
-    with _threads(torch.device("cpu"), 1):  # as the LOSO folds: the same bytes on any machine
+    # One thread, as the LOSO folds: the same bytes on any machine.
+    with single_threaded(torch.get_num_threads, torch.set_num_threads):
         net, losses, _ = fit_net(data, everyone, seed)
         probs, features = predict(data, net, everyone, data.generator(seed, 2))
     labels = arrays["label"].astype(np.int64)

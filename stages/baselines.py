@@ -6,11 +6,10 @@ The algorithm lives in mer/probes.py; this module reads params and paths, calls 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
-from mer.common import atomic_path, class_names, load_params, read_h5, run_main, stage_paths
-from mer.metrics import round_floats
+from mer.common import class_names, load_params, read_h5, run_main, stage_paths
+from mer.metrics import write_json
 from mer.probes import run_baselines
 
 
@@ -19,8 +18,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     params = load_params()
     arrays, attrs = read_h5(paths.processed, ["flow", "landmarks", "label", "subject"])
     scores = run_baselines(arrays, class_names(attrs), params["baselines"])
-    with atomic_path(paths.out) as tmp:
-        tmp.write_text(json.dumps(round_floats(scores), sort_keys=True, indent=2) + "\n")
+    write_json(paths.out, scores)
     summary = ", ".join(f"{name} UF1 {s['uf1']:.4f} UAR {s['uar']:.4f}" for name, s in scores.items())
     print(f"baselines (logistic regression, LOSO, pooled): {summary} -> {paths.out}")
 

@@ -1,6 +1,7 @@
 """Stage `magnify` (dvc.yaml): magnify the onset → apex motion of every crop pair (`magnify` params).
 
-The algorithm lives in mer/magnify.py; this module reads params and paths, calls it, writes the outputs.
+The algorithm lives in mer/magnify.py (`magnify_file`, which writes `--out`); this module reads params and
+paths and calls it.
 """
 
 from __future__ import annotations

@@ -7,14 +7,9 @@ outputs.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
-import numpy as np
-
 from mer.common import (
-    PipelineError,
-    atomic_path,
     class_names,
     load_params,
     read_h5,
@@ -22,8 +17,9 @@ from mer.common import (
     save_figure,
     stage_paths,
 )
-from mer.metrics import round_floats
+from mer.metrics import write_json
 from mer.preprocessing_report import RawFrames, plot_report, preprocessing_report, raw_frames
+from mer.processed import check_same_samples
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -31,16 +27,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     params = load_params()
     frames, attrs = read_h5(paths.frames, ["onset", "apex", "label", "subject", "sample"])
     landmarks, _ = read_h5(paths.landmarks, ["landmarks", "sample"])
-    if not np.array_equal(landmarks["sample"], frames["sample"]):
-        raise PipelineError(f"{paths.landmarks} holds other samples than {paths.frames}: rerun `dvc repro`")
+    check_same_samples(paths.landmarks, landmarks["sample"], paths.frames, frames["sample"])
 
     def raw() -> RawFrames:  # read only where a variant re-crops (sets `frames` keys)
         return raw_frames(params, frames["subject"], frames["sample"])
 
     report = preprocessing_report({**frames, "landmarks": landmarks["landmarks"]}, class_names(attrs), params,
                                   params["workers"], raw)
-    with atomic_path(paths.out) as tmp:
-        tmp.write_text(json.dumps(round_floats(report), sort_keys=True, indent=2) + "\n")
+    write_json(paths.out, report)
     save_figure(plot_report(report, attrs["dataset"]), paths.plot)
     print(f"preprocessing_report: {len(report)} variants -> {paths.out}, {paths.plot}")
 

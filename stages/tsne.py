@@ -1,8 +1,8 @@
 """Stage `tsne` (dvc.yaml): t-SNE of the fused features F_ME with ARa / AEr (paper §4.3): the out-of-fold
 view (one model per fold) and, with `--one-model`, the final model's view (one feature space).
 
-The algorithm lives in mer/reports.py; this module reads the paths, calls it and writes `--out` (png)
-and the same path with `.json`.
+The algorithm lives in mer/reports.py (`tsne_report`, which writes `--out`, a png, and the same path
+with `.json`); this module reads the paths and calls it.
 """
 
 from __future__ import annotations
@@ -21,12 +21,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--one-model", type=Path, help="the final model's in-sample features (fit's output)")
     parser.add_argument("--out", type=Path, required=True,
                         help="png to write, the numbers go beside it as .json (dvc.yaml: metrics/tsne.png)")
-    parser.add_argument("--perplexity", type=float, default=30.0)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.out.suffix != ".png":
         raise PipelineError(f"--out must be a .png path, got {args.out}")
-    report = tsne_report(args.features, args.out, args.perplexity, args.seed, args.one_model)
+    report = tsne_report(args.features, args.out, args.one_model)
     print(f"tsne: {report['n_samples']} samples, t-SNE ARa {report['ara']:.4f}, AEr {report['aer']:.4f}; "
           f"L2-normalised F_ME ARa {report['feature_ara']:.4f}, AEr {report['feature_aer']:.4f} "
           f"-> {args.out}, {args.out.with_suffix('.json')}")
