@@ -17,12 +17,14 @@ from mer.magnifier import (
     Magnifier,
     Photos,
     flow_fields,
+    load_model,
     make_batch,
     photo_crops,
     procedural,
     quantise,
     render,
     save_weights,
+    to_tensor,
     to_uint8,
     train_magnifier,
     training_photos,
@@ -74,15 +76,17 @@ def test_alpha_one_is_exactly_the_reconstruction():
 
 
 def test_untrained_and_briefly_trained_net_keep_the_input_at_alpha_one(tiny_weights):
-    model = Magnifier()
-    model.load_state_dict(torch.load(tiny_weights, weights_only=True))
+    torch.manual_seed(0)
+    untrained, trained = Magnifier(), Magnifier()
+    trained.load_state_dict(torch.load(tiny_weights, weights_only=True))
     rng, gen = np.random.default_rng(5), torch.Generator().manual_seed(5)
     scene = procedural(rng, gen, 1, 128)
     flow = flow_fields(rng, 64, np.array([0.5]), np.array([False]))
     apex = quantise(render(scene, flow, torch.tensor([[1.0]]))[:, 0], gen, 0.0)
-    with torch.no_grad():
-        out = to_uint8(model.reconstruct(apex))[0]
-    assert structural_similarity(out, to_uint8(apex)[0], channel_axis=2, data_range=255) >= 0.97
+    for model in (untrained, trained):
+        with torch.no_grad():
+            out = to_uint8(model.reconstruct(apex))[0]
+        assert structural_similarity(out, to_uint8(apex)[0], channel_axis=2, data_range=255) >= 0.97
 
 
 def test_training_is_deterministic(tiny_weights, tmp_path):
@@ -132,7 +136,7 @@ def test_batch_target_is_alpha_times_the_apex_motion():
     # Local or global, the target's motion is α× the apex's wherever something moves.
     grey = [x.mean(dim=1) for x in (onset, apex, target)]
     moved_apex, moved_target = ((g - grey[0]).abs().sum(dim=(1, 2)) for g in grey[1:])
-    assert (moved_target >= moved_apex).all()
+    assert (moved_target > 1.5 * moved_apex).all()  # alpha >= 2
 
 
 def test_batch_is_reproducible():
@@ -168,10 +172,21 @@ def test_learned_through_magnify_pair(tiny_weights, shape):
     apex = np.roll(onset, 1, axis=1)
     out = magnify.magnify_pair(onset, apex, "learned", 3.0, weights=tiny_weights)
     assert out.shape == apex.shape and out.dtype == np.uint8
+    assert not np.array_equal(out, apex)  # the net ran
+    if shape == (32, 32, 3):  # no padding, RGB: the network's own output, rounded
+        net = load_model(tiny_weights)
+        with torch.inference_mode():
+            x = to_tensor(np.stack([onset, apex]))
+            direct = net(x[:1], x[1:], torch.tensor([3.0]))[0]
+        expected = ((direct + 1) * 127.5).clamp(0, 255).permute(1, 2, 0).numpy()
+        assert np.abs(out.astype(np.float32) - expected).max() <= 0.5 + 1e-3
     assert np.array_equal(magnify.magnify_pair(onset, apex, "learned", 1.0, weights=tiny_weights), apex)
 
 
 def test_regularised_training_runs():
-    # The paper's texture/shape regularisers (off by default, docs/magnification.md) still train.
+    # The paper's texture/shape regularisers (off by default, docs/magnification.md) still train, and
+    # reach the weights: the same step without them ends elsewhere.
     state = train_magnifier(tiny_params(steps=1, reg_weight=0.1), log=False)
     assert all(torch.isfinite(v).all() for v in state.values())
+    plain = train_magnifier(tiny_params(steps=1, reg_weight=0.0), log=False)
+    assert any(not torch.equal(state[k], plain[k]) for k in state)

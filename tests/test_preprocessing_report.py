@@ -44,6 +44,8 @@ def test_report_scores_every_variant_and_draws_them(report_project: Path) -> Non
             assert 0.0 <= row[probe]["uf1"] <= 1.0 and 0.0 <= row[probe]["uar"] <= 1.0
     for same in ("same_as_default", "recropped_as_default"):
         assert report[same] == {**report["default"], "params": VARIANTS[same]}
+    for changed in ("phase_x3", "wider_crop"):  # their params reach the flow: other scores
+        assert report[changed] != {**report["default"], "params": VARIANTS[changed]}
     assert (report_project / "metrics" / "preprocessing.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -383,15 +383,37 @@ def test_train_stage_end_to_end(train_project: Path):
 
 
 def test_baselines_stage_scores_linear_probes_on_the_same_folds(train_project: Path):
-    from mer.probes import cell_features, landmark_features
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from mer.probes import cell_features, drift_free, landmark_features, probe_predictions
 
     run(["dvc", "repro", "baselines"], train_project)
     scores = json.loads((train_project / "metrics/baselines.json").read_text())
     assert set(scores) == {"flow_cells", "flow_landmarks"}
+    arrays, _ = read_h5(train_project / "data/processed/synthetic.h5", ["flow", "label", "subject"])
+    labels, subjects = arrays["label"].astype(int), np.asarray(arrays["subject"])
     for probe in scores.values():
-        assert 0 <= probe["uf1"] <= 1 and 0 <= probe["uar"] <= 1
-        assert sum(c["support"] for c in probe["per_class"].values()) == len(read_h5(
-            train_project / "data/processed/synthetic.h5", ["label"])[0]["label"])
+        assert sum(c["support"] for c in probe["per_class"].values()) == len(labels)
+    # flow_cells recomputed here: each subject predicted by a probe fitted on the other subjects only
+    section = yaml.safe_load((train_project / "params.yaml").read_text())["baselines"]
+    x = cell_features(drift_free(arrays["flow"]), section["cells"])
+    predicted = np.empty_like(labels)
+    for subject in np.unique(subjects):
+        test = subjects == subject
+        regression = LogisticRegression(C=section["C"], class_weight="balanced", max_iter=5000)
+        probe = make_pipeline(StandardScaler(), regression).fit(x[~test], labels[~test])
+        predicted[test] = probe.predict(x[test])
+    uf1 = f1_score(labels, predicted, labels=range(len(scores["flow_cells"]["per_class"])), average="macro",
+                   zero_division=0)
+    assert scores["flow_cells"]["uf1"] == pytest.approx(uf1, abs=1e-6)
+    # no leak: a held-out subject's own labels do not change its predictions
+    held_out = subjects == subjects[0]
+    relabelled = labels.copy()
+    relabelled[held_out] = (relabelled[held_out] + 1) % 3
+    before = probe_predictions(x, labels, subjects, section["C"])[held_out]
+    assert np.array_equal(probe_predictions(x, relabelled, subjects, section["C"])[held_out], before)
     # the features: cell means and landmark-window means of a known flow
     flow = np.zeros((1, 224, 224, 2), np.float32)
     flow[0, :112, :, 0] = 1.0  # top half moves right
