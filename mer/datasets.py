@@ -788,8 +788,9 @@ class Megc2019(MicroExpressionDataset):
     def frame_files(self, sample: Sample) -> dict[int, Path]:
         return self.member(sample).frame_files(sample)
 
-    def frame_path(self, sample: Sample, frame: int) -> Path:
-        return self.member(sample).frame_path(sample, frame)
+    def frame_path(self, sample: Sample, frame: int, files: dict[int, Path] | None = None,
+                   role: str = "") -> Path:
+        return self.member(sample).frame_path(sample, frame, files, role)
 
     def frame_numbers(self, sample: Sample) -> list[int]:
         return self.member(sample).frame_numbers(sample)

@@ -28,6 +28,7 @@ from mer.datasets import (
     normalise_subject,
     unwatched_label_files,
 )
+from mer.frames import frame_jobs
 
 LABELS_DIR = labels_dir()
 CASME2_FILE = LABELS_DIR / "CASME2-coding-20190701.xlsx"
@@ -708,6 +709,12 @@ def test_megc2019_counts(tmp_path: Path, casme2_labels: Path, samm_labels: Path,
     assert len(ds.fixes_applied) == 3 and all(f.startswith("samm ") for f in ds.fixes_applied)
     _touch(tmp_path / "CASME2" / "sub01" / "EP02_01f", "reg_img46.jpg")
     assert ds.frame_numbers(by_name["casme2_sub01", "EP02_01f"]) == [46]
+    # the frames stage's lookup through the composite: each member's files, its setting in the error
+    job = frame_jobs(ds, [smic])[0]
+    assert (job.onset_path.name, job.apex_path.name) == ("reg_image100000.bmp", "reg_image100002.bmp")
+    missing = r"casme2_sub01/EP02_01f: apex frame 59 is missing .*data.roots.casme2"
+    with pytest.raises(PipelineError, match=missing):
+        frame_jobs(ds, [by_name["casme2_sub01", "EP02_01f"]])
 
 
 def test_megc2019_member_settings_in_messages_and_sheets_under_root(

