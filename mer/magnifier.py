@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mer.common import PipelineError, save_torch
+from mer.common import PipelineError, round_uint8, save_torch
 
 # The decoder's last conv starts at this × PyTorch's default init: output ≈ apex at step 0. With a
 # near-zero residual, L1 drives the ReLU before that conv to die within ~50 Adam steps (measured: all
@@ -339,10 +339,14 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+def to_levels(images: torch.Tensor) -> np.ndarray:
+    """N×3×H×W in [-1, 1] → N×H×W×3 float32 grey levels 0..255, not rounded."""
+    return ((images.detach().cpu() + 1) * 127.5).clamp(0, 255).permute(0, 2, 3, 1).numpy()
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """N×3×H×W in [-1, 1] → N×H×W×3 uint8."""
-    out = ((images.detach().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return out.permute(0, 2, 3, 1).numpy()
+    return round_uint8(to_levels(images))
 
 
 def colour_perturb(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

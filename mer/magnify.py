@@ -193,7 +193,7 @@ def learned(onset: np.ndarray, apex: np.ndarray, alpha: float, *, weights: Path 
     """The learned magnifier's output at any α, 1 included (magnify_pair short-circuits α = 1)."""
     import torch
 
-    from mer.magnifier import to_tensor
+    from mer.magnifier import to_levels, to_tensor
 
     model = learned_model(str(weights))
     grey = apex.ndim == 2
@@ -207,8 +207,7 @@ def learned(onset: np.ndarray, apex: np.ndarray, alpha: float, *, weights: Path 
     # one thread: one process per core already (parallel_map)
     with single_threaded(torch.get_num_threads, torch.set_num_threads), torch.inference_mode():
         x = to_tensor(pair)
-        out = model(x[:1], x[1:], torch.tensor([alpha], dtype=torch.float32))[0]  # 3×H×W in [-1, 1]
-        out = ((out + 1) * 127.5).clamp(0, 255).permute(1, 2, 0).numpy()[:height, :width]
+        out = to_levels(model(x[:1], x[1:], torch.tensor([alpha], dtype=torch.float32)))[0, :height, :width]
     return luminance(out) if grey else out  # back to grey through the same luma as everywhere else
 
 

@@ -224,4 +224,4 @@ def test_crop_is_not_requantised(flow_params: dict) -> None:
 
 def camera_grey(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A grey 8-bit camera with little sensor noise (sd 0.5 grey levels)."""
-    return np.clip(np.rint(image + rng.normal(0, 0.5, image.shape)), 0, 255).astype(np.uint8)
+    return round_uint8(image + rng.normal(0, 0.5, image.shape))
