@@ -33,6 +33,7 @@ apex from each dataset's own sheet.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -60,9 +61,10 @@ Selector = Callable[[str, str, str], str | None]
 
 
 def is_system_file(path: Path) -> bool:
-    """A file no dataset ships: hidden (macOS copies leave `._<name>` beside every file), or Excel's
-    lock file of an open workbook (`~$<name>`)."""
-    return path.name.startswith((".", "~$"))
+    """A file or folder no dataset ships: hidden (macOS copies leave `._<name>` beside every file,
+    Jupyter `.ipynb_checkpoints`), Excel's lock file of an open workbook (`~$<name>`), a NAS's index
+    folder (Synology `@eaDir`) or a zip's macOS metadata (`__MACOSX`)."""
+    return path.name.startswith((".", "~$", "@")) or path.name == "__MACOSX"
 
 
 def _spreadsheets(folder: Path) -> list[Path]:
@@ -267,8 +269,26 @@ class MicroExpressionDataset(ABC):
     # ---- samples ------------------------------------------------------------------------
 
     def sample_folder(self, subject: str, sample: str) -> Path:
-        """Directory of one sample's frames, from the normalised subject id and the Filename."""
-        return self.root / self.subject_folder(subject) / sample
+        """Directory of one sample's frames, from the normalised subject id and the Filename: under the
+        subject's folder as the dataset names it (root/sub01), else under the one folder of root that
+        names the same subject another way (01, 1, Sub01; SAMM's 6 for 006)."""
+        folder = self.root / self.subject_folder(subject)
+        if not folder.is_dir():
+            folder = self._subject_folders.get(subject, folder)
+        return folder / sample
+
+    @functools.cached_property
+    def _subject_folders(self) -> dict[str, Path]:
+        """Normalised subject id -> the folder of root that spells it, where exactly one does."""
+        found: dict[str, list[Path]] = {}
+        for path in sorted(self.root.iterdir()):
+            if not path.is_dir() or is_system_file(path):
+                continue
+            try:
+                found.setdefault(normalise_subject(self.name, path.name), []).append(path)
+            except PipelineError:
+                continue  # not a subject folder
+        return {subject: paths[0] for subject, paths in found.items() if len(paths) == 1}
 
     def subject_folder(self, subject: str) -> str:
         """Folder name of a normalised subject id ("casme2_sub01" -> "sub01", "samm_006" -> "006")."""
@@ -568,7 +588,7 @@ class Samm(MicroExpressionDataset):
     frame_help = "root/<subject>/<Filename>/<subject>_<N:05d>.jpg, e.g. 006/006_1_2/006_05562.jpg"
 
     def frame_stem(self, sample: Sample) -> str:
-        return rf"{self.subject_folder(sample.subject)}_(\d+)"
+        return rf"0*{self.subject_number(sample.subject)}_(\d+)"  # 006_05562 or 6_05562
 
     def frame_name(self, sample: Sample, frame: int) -> str:
         return f"{self.subject_folder(sample.subject)}_{frame:05d}.jpg"
@@ -592,7 +612,7 @@ def middle_apex(frames: Sequence[int]) -> int:
 # `middle` is what most MEGC2019 peers use; a spotted apex would be another entry here.
 APEX_POLICIES: dict[str, Callable[[Sequence[int]], int]] = {"middle": middle_apex}
 
-_SMIC_SUBJECT = re.compile(r"^s(\d+)$")
+_SMIC_SUBJECT = re.compile(r"^s(\d+)$", re.IGNORECASE)
 
 
 class Smic(MicroExpressionDataset):
@@ -603,7 +623,8 @@ class Smic(MicroExpressionDataset):
     folders not zero padded, `non_micro/` ignored, frame numbers the camera's absolute counter.
     Onset = first frame present, offset = last, apex by `apex_policy` (SMIC has no apex
     annotation). Some clips miss frames: a gap is logged and the frames present are used, so the
-    three frames always exist.
+    three frames always exist. Folder names in any case; a clip folder spelled as MEGC2019 spells the
+    clip (s01_ne_01) is named as the release names it (s1_ne_01).
     """
 
     name = "smic"
@@ -644,29 +665,38 @@ class Smic(MicroExpressionDataset):
 
     def select(self, choose: Selector) -> list[Sample]:
         """Walk the micro/ folders, keep the clips `choose` gives a class; sorted."""
-        out: list[Sample] = []
-        for subject_dir in sorted(self.root.iterdir()):
-            match = _SMIC_SUBJECT.match(subject_dir.name)
-            if not match or not (subject_dir / "micro").is_dir():
-                continue  # s07, s10, s16, s17 have no micro clips
-            subject = normalise_subject(self.name, match.group(1))
-            for clip in sorted((subject_dir / "micro").glob("*/*")):
-                emotion = clip.parent.name
-                cls = choose(subject, clip.name, emotion) if clip.is_dir() else None
-                if cls is None:
-                    continue
-                sample = Sample(subject, clip.name, clip, 0, 0, 0, emotion, self.classes.index(cls))
-                frames = self.frame_numbers(sample)
-                if len(frames) != frames[-1] - frames[0] + 1:
-                    log.warning("%s %s/%s: %d frame(s) missing between %d and %d; apex chosen among "
-                                "the frames present", self.name, subject_dir.name, clip.name,
-                                frames[-1] - frames[0] + 1 - len(frames), frames[0], frames[-1])
-                apex = APEX_POLICIES[self.apex_policy](frames)
-                out.append(replace(sample, onset=frames[0], apex=apex, offset=frames[-1]))
-        if not out and not any(_SMIC_SUBJECT.match(p.name) for p in self.root.iterdir()):
+        subject_dirs = [(path, match) for path in sorted(self.root.iterdir())
+                        if path.is_dir() and (match := _SMIC_SUBJECT.match(path.name))]
+        if not subject_dirs:
             raise PipelineError(f"no SMIC subject folders (s1, s2, ...) in {self.root_key} {self.root}: set "
                                 f"{self.root_key} to the HS folder (e.g. SMIC_all_cropped/HS; "
                                 f"{self.frame_help})")
+        micro_dirs = [(path / name, match) for path, match in subject_dirs  # s07, s10, s16, s17 have none
+                      for name in sorted(os.listdir(path))
+                      if name.lower() == "micro" and (path / name).is_dir()]
+        if not micro_dirs:
+            raise PipelineError(f"no micro/<emotion>/<clip> folders in the subject folders of "
+                                f"{self.root_key} {self.root} (expected {self.frame_help}): SMIC-HS as "
+                                "released; the long clips of SMIC-E need their onset / offset sheet, "
+                                "which is not read here")
+        out: list[Sample] = []
+        for micro, match in micro_dirs:
+            subject = normalise_subject(self.name, match.group(1))
+            for clip in sorted(micro.glob("*/*")):
+                if not clip.is_dir() or is_system_file(clip) or is_system_file(clip.parent):
+                    continue
+                emotion, name = clip.parent.name, self.sample_name(clip.name)  # s01_ne_01 -> s1_ne_01
+                cls = choose(subject, name, emotion)
+                if cls is None:
+                    continue
+                sample = Sample(subject, name, clip, 0, 0, 0, emotion, self.classes.index(cls))
+                frames = self.frame_numbers(sample)
+                if len(frames) != frames[-1] - frames[0] + 1:
+                    log.warning("%s %s/%s: %d frame(s) missing between %d and %d; apex chosen among "
+                                "the frames present", self.name, micro.parent.name, clip.name,
+                                frames[-1] - frames[0] + 1 - len(frames), frames[0], frames[-1])
+                apex = APEX_POLICIES[self.apex_policy](frames)
+                out.append(replace(sample, onset=frames[0], apex=apex, offset=frames[-1]))
         return sorted(out, key=lambda s: (s.subject, s.sample))
 
     def frame_stem(self, sample: Sample) -> str:
@@ -763,9 +793,9 @@ class Megc2019(MicroExpressionDataset):
             if missing:
                 listed = ", ".join(f"{subject}/{sample}" for subject, sample in missing[:5])
                 more = ", ..." if len(missing) > 5 else ""
+                sheet = f" and data.sheets.{name}" if member.label_files() else ""  # SMIC: its folders
                 raise PipelineError(f"{len(missing)} {name} sample(s) of {self.labels} not in "
-                                    f"{member.labels} ({listed}{more}): check data.roots.{name} and "
-                                    f"data.sheets.{name}")
+                                    f"{member.labels} ({listed}{more}): check data.roots.{name}{sheet}")
         return out
 
     def select(self, choose: Selector) -> list[Sample]:

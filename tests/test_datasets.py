@@ -319,6 +319,28 @@ def test_samm_frame_path_format(tmp_path: Path, samm_labels: Path) -> None:
     assert ds.frame_numbers(sample) == [5562, 5600, 10001]
 
 
+def test_subject_folders_spelled_otherwise(tmp_path: Path, casme2_labels: Path, samm_labels: Path) -> None:
+    """Subject folders named without CASME II's `sub` or SAMM's padding are found: 01/, Sub02/, 6/ (frames
+    6_05562.jpg); the dataset's own spelling wins where both exist."""
+    casme2_root, samm_root = tmp_path / "casme2", tmp_path / "samm"
+    _touch(casme2_root / "01" / "EP02_01f", "reg_img46.jpg")
+    _touch(casme2_root / "Sub02" / "EP09_01", "img46.jpg")
+    _touch(casme2_root / "sub03" / "EP01_2", "img46.jpg")
+    _touch(casme2_root / "3" / "EP01_2", "img46.jpg")  # sub03/ exists: not this one
+    _touch(casme2_root / "notes", "readme.txt")
+    casme2 = {(s.subject, s.sample): s for s in Casme2(casme2_root, labels=casme2_labels).samples()}
+    assert casme2["casme2_sub01", "EP02_01f"].folder == casme2_root / "01" / "EP02_01f"
+    assert casme2["casme2_sub02", "EP09_01"].folder == casme2_root / "Sub02" / "EP09_01"
+    assert casme2["casme2_sub03", "EP01_2"].folder == casme2_root / "sub03" / "EP01_2"
+    assert casme2["casme2_sub04", "EP12_01f"].folder == casme2_root / "sub04" / "EP12_01f"  # none: as named
+    _touch(samm_root / "6" / "006_1_2", "6_05562.jpg", "6_05588.jpg", "7_05562.jpg")
+    samm = Samm(samm_root, labels=samm_labels)
+    sample = next(s for s in samm.samples() if s.sample == "006_1_2")
+    assert sample.folder == samm_root / "6" / "006_1_2"
+    assert samm.frame_numbers(sample) == [5562, 5588]
+    assert frame_jobs(samm, [sample])[0].onset_path == samm_root / "6" / "006_1_2" / "6_05562.jpg"
+
+
 def test_missing_frame_error(tmp_path: Path, casme2_labels: Path, samm_labels: Path) -> None:
     ds = Casme2(tmp_path, labels=casme2_labels)
     sample = ds.samples()[0]
@@ -638,6 +660,27 @@ def test_smic_gaps_padding_and_raw_names(tmp_path: Path, caplog: pytest.LogCaptu
         Smic(tmp_path).frame_path(gap, 1_000_000)
 
 
+def test_smic_folders_as_copies_leave_them(tmp_path: Path) -> None:
+    """Hidden and NAS folders beside the clips are no clips; `Micro/` and `S2/` are read; a clip folder
+    spelled as MEGC2019's csv spells it (s01_ne_01) is the clip s1_ne_01."""
+    _touch(tmp_path / "s1" / "micro" / "negative" / "s01_ne_01", "reg_image100.bmp", "reg_image101.bmp")
+    _touch(tmp_path / "s1" / "micro" / "negative" / ".ipynb_checkpoints", "x.bmp")
+    _touch(tmp_path / "s1" / "micro" / "negative" / "@eaDir", "reg_image100.bmp")
+    _touch(tmp_path / "s1" / "micro" / ".hidden" / "s1_ne_09", "reg_image100.bmp")
+    _touch(tmp_path / "S2" / "Micro" / "Positive" / "s2_po_01", "reg_image7.bmp")
+    samples = Smic(tmp_path).samples()
+    assert [(s.subject, s.sample, s.emotion) for s in samples] == [
+        ("smic_s01", "s1_ne_01", "negative"), ("smic_s02", "s2_po_01", "Positive")]
+    assert samples[0].folder == tmp_path / "s1" / "micro" / "negative" / "s01_ne_01"
+    assert Smic(tmp_path).frame_path(samples[0], 101).name == "reg_image101.bmp"
+
+
+def test_smic_without_micro_folders_says_so(tmp_path: Path) -> None:
+    _touch(tmp_path / "s01" / "s1_ne_01", "image000100.bmp")  # SMIC-E's layout: long clips, no micro/
+    with pytest.raises(PipelineError, match=r"no micro/<emotion>/<clip> folders in the subject folders"):
+        Smic(tmp_path).samples()
+
+
 def test_smic_middle_apex() -> None:
     assert middle_apex([10, 11, 12, 13, 14]) == 12
     assert middle_apex([10, 11, 12, 13]) == 11  # tie: the earlier
@@ -785,9 +828,12 @@ def test_megc2019_missing_clip_and_bad_csv(
     for path in clip.iterdir():
         path.unlink()
     clip.rmdir()
-    missing = r"1 smic sample\(s\) of .* \(smic_s20/s20_sur_05\): check data.roots.smic"
+    missing = r"1 smic sample\(s\) of .* \(smic_s20/s20_sur_05\): check data.roots.smic$"  # no sheet
     with pytest.raises(PipelineError, match=missing):
         dataset_from_params(data).samples()
+    # the clip's folder spelled as the csv spells it
+    _touch(clip.parent / "s020_sur_05", "reg_image1.bmp", "reg_image2.bmp")
+    assert ("smic_s20", "s20_sur_05") in {(s.subject, s.sample) for s in dataset_from_params(data).samples()}
     bad = tmp_path / "bad.csv"
     bad.write_text("casme2,sub01,EP02_01f,3\n")
     with pytest.raises(PipelineError, match="is not MEGC2019's combined_3class_gt.csv"):
