@@ -623,8 +623,8 @@ class Smic(MicroExpressionDataset):
     folders not zero padded, `non_micro/` ignored, frame numbers the camera's absolute counter.
     Onset = first frame present, offset = last, apex by `apex_policy` (SMIC has no apex
     annotation). Some clips miss frames: a gap is logged and the frames present are used, so the
-    three frames always exist. Folder names in any case; a clip folder spelled as MEGC2019 spells the
-    clip (s01_ne_01) is named as the release names it (s1_ne_01).
+    three frames always exist. Subject, micro/ and emotion folders in any case; a clip folder spelled
+    as MEGC2019 spells the clip (s01_ne_01) is named as the release names it (s1_ne_01).
     """
 
     name = "smic"
@@ -680,6 +680,7 @@ class Smic(MicroExpressionDataset):
                                 "released; the long clips of SMIC-E need their onset / offset sheet, "
                                 "which is not read here")
         out: list[Sample] = []
+        seen: dict[tuple[str, str], Path] = {}  # s1/ beside S1/, s1_ne_01/ beside s01_ne_01/
         for micro, match in micro_dirs:
             subject = normalise_subject(self.name, match.group(1))
             for clip in sorted(micro.glob("*/*")):
@@ -689,6 +690,10 @@ class Smic(MicroExpressionDataset):
                 cls = choose(subject, name, emotion)
                 if cls is None:
                     continue
+                if (subject, name) in seen:
+                    raise PipelineError(f"{self.name} {subject}/{name}: two folders hold this clip, "
+                                        f"{seen[subject, name]} and {clip}: keep one of them")
+                seen[subject, name] = clip
                 sample = Sample(subject, name, clip, 0, 0, 0, emotion, self.classes.index(cls))
                 frames = self.frame_numbers(sample)
                 if len(frames) != frames[-1] - frames[0] + 1:

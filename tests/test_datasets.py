@@ -673,6 +673,11 @@ def test_smic_folders_as_copies_leave_them(tmp_path: Path) -> None:
         ("smic_s01", "s1_ne_01", "negative"), ("smic_s02", "s2_po_01", "Positive")]
     assert samples[0].folder == tmp_path / "s1" / "micro" / "negative" / "s01_ne_01"
     assert Smic(tmp_path).frame_path(samples[0], 101).name == "reg_image101.bmp"
+    # a selector that ignores the emotion (MEGC2019's csv) still skips the hidden emotion folder
+    assert [s.sample for s in Smic(tmp_path).select(lambda *_: "negative")] == ["s1_ne_01", "s2_po_01"]
+    _touch(tmp_path / "s1" / "micro" / "negative" / "s1_ne_01", "reg_image100.bmp")
+    with pytest.raises(PipelineError, match=r"smic_s01/s1_ne_01: two folders hold this clip"):
+        Smic(tmp_path).samples()
 
 
 def test_smic_without_micro_folders_says_so(tmp_path: Path) -> None:
