@@ -269,7 +269,8 @@ def explain_figure(path: Path, net: MiHFTr, info: dict[str, Any], sample: dict[s
     ax_onset.imshow(sample["onset"])
     ax_onset.set_title("onset crop")
     ax_apex.imshow(sample["apex"])
-    ax_apex.set_title(f"apex crop, magnified ({magnify['method']}, α = {magnify['alpha']})")
+    ax_apex.set_title("apex crop" if magnify["method"] == "none"
+                      else f"apex crop, magnified ({magnify['method']}, α = {magnify['alpha']})")
     # As the motion stem sees it: minus the median, the head drift of the onset-only alignment.
     flow = sample["flow"] - np.median(sample["flow"], axis=(0, 1))
     colours, top = flow_colours(flow)
