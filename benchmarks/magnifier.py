@@ -41,11 +41,12 @@ def load_revision(rev: str) -> ModuleType:
     source = next((s.stdout for s in shown if s.returncode == 0), None)
     if source is None:
         raise SystemExit(f"revision {rev} has neither mer/magnifier.py nor model/magnifier.py")
-    path = Path(tempfile.mkdtemp()) / f"magnifier_{rev}.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with tempfile.TemporaryDirectory() as folder:  # the module's code is read at import: nothing left behind
+        path = Path(folder) / f"magnifier_{rev}.py"
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     return module
 
 
@@ -106,11 +107,17 @@ def main() -> None:
         shape = {"cpu": {}, "gpu": {"patch": 384, "batch": args.gpu_batch}}[schedule]
         p = {**params, **shape, "device": device}
         print(f"{schedule} schedule: {p['patch']}² patches, batch {p['batch']}")
+        speeds = {}
         for label, module in versions.items():
             data = examples_per_second(module, p, args.batches)
             train = steps_per_second(module, p, args.steps)
+            speeds[label] = data, train
             print(f"  {label:<24} data {data:8.1f} examples/s   training {train:7.3f} steps/s "
                   f"({train * p['batch']:.1f} examples/s)", flush=True)
+        if args.baseline:  # measured in this run, side by side
+            (data, train), (base_data, base_train) = speeds.values()
+            print(f"  batched / {args.baseline}: data {data / base_data:.2f}x, "
+                  f"training {train / base_train:.2f}x")
 
 
 if __name__ == "__main__":

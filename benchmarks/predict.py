@@ -1,4 +1,4 @@
-"""Milliseconds per step of one `predict` on CPU, with the magnification of params.yaml (phase).
+"""Milliseconds per step of one `predict` on CPU, with the preprocessing params of params.yaml.
 
     python -m benchmarks.predict [--model models/mihf_tr.pt] [--clips 10]
 

@@ -13,6 +13,7 @@ work with `frames.detectors` as configured against HOG alone, measured in the sa
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import shutil
@@ -115,6 +116,8 @@ def pipeline_seconds(params: dict) -> float:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__,  # no options: --help only
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     params = load_params(REPO / "params.yaml")
     data = params["data"]
     dataset = dataset_from_params(dict(data, root=REPO / data["root"]))
